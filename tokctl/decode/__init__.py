@@ -1,0 +1,1 @@
+"""`tokctl decode`: decoding methods over a shared target model and KV cache."""

@@ -1,0 +1,52 @@
+"""What a decoding method is, and what one generation returns.
+
+Methods never time themselves: the job measures every method the same way around ``generate``.
+A method's config (conf/decode/method/<name>.yaml) instantiates its class through ``_target_``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tokctl.decode.sampling import Settings
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # new tokens only
+    steps: int  # target forward passes, prefill included
+    finish_reason: str  # "eos" | "length" | "context"
+    accepted_per_step: list[int] = field(default_factory=list)  # new tokens each step produced
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DecodingMethod:
+    """Subclasses set ``name`` and implement ``generate``; ``setup`` gets the shared target."""
+
+    name = "method"
+    needs_target = True  # False for methods that call model.generate themselves
+
+    def setup(self, target, loaded) -> None:  # noqa: ARG002 - loaded: models.loading.LoadedModel
+        self.target = target
+
+    def generate(self, prompt_ids: list[int], settings: Settings,
+                 generator: torch.Generator | None) -> Generation:
+        raise NotImplementedError
+
+    def run_info(self) -> dict[str, Any]:
+        """Facts about this method's run worth recording (a chosen tree budget, say)."""
+        return {}
+
+
+def append_tokens(out: list[int], new: list[int], settings: Settings) -> str | None:
+    """Append one step's tokens, stopping at EOS or max_new_tokens; returns why it stopped."""
+    for t in new:
+        out.append(int(t))
+        if t in settings.eos_ids:
+            return "eos"
+        if len(out) >= settings.max_new_tokens:
+            return "length"
+    return None

@@ -1,0 +1,214 @@
+"""`tokctl decode`: run a decoding method beside a baseline on the same prompts.
+
+Both run on the same loaded model, sample by sample, in alternating order (method first on even
+samples, baseline first on odd ones) after a warm-up, so slow drift of a shared machine affects
+both alike. Each sample's row is appended to samples.jsonl as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from tokctl.console import console, progress_bar
+from tokctl.decode.base import DecodingMethod, Generation
+from tokctl.decode.data import Prompt, encode, load_prompts
+from tokctl.decode.metrics import aggregate, print_summary
+from tokctl.decode.sampling import Sampling, Settings
+from tokctl.errors import UserError
+
+
+def settings_from(cfg) -> Settings:
+    max_new = int(cfg.max_new_tokens)
+    if max_new < 1:
+        raise UserError(f"max_new_tokens={max_new} must be at least 1")
+    s = Sampling(temperature=float(cfg.temperature), top_k=int(cfg.top_k or 0),
+                 top_p=float(cfg.top_p))
+    if s.temperature < 0:
+        raise UserError(f"temperature={s.temperature} must be >= 0 (0 is greedy)")
+    if not 0 < s.top_p <= 1:
+        raise UserError(f"top_p={s.top_p} must be in (0, 1]")
+    if s.top_k < 0:
+        raise UserError(f"top_k={s.top_k} must be >= 0 (0 disables it)")
+    return Settings(max_new_tokens=max_new, sampling=s)
+
+
+def method_config(name: str):
+    """A method's config from conf/decode/method/, for `baseline=<method>`."""
+    from tokctl.config import conf_dir
+
+    folder = conf_dir("decode") / "method"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise UserError(f"baseline={name} is not a decoding method; choose one of: {options}")
+    return OmegaConf.load(path)
+
+
+def build_method(method_cfg) -> DecodingMethod:
+    from hydra.utils import instantiate
+
+    params = OmegaConf.to_container(method_cfg, resolve=True)
+    if "_target_" not in params:
+        raise UserError(f"method config {params.get('name')!r} has no _target_")
+    params.pop("name", None)
+    try:
+        method = instantiate(params, _convert_="all")
+    except Exception as exc:  # noqa: BLE001 - Hydra wraps the constructor's message
+        cause = exc.__cause__ or exc
+        raise UserError(f"method {method_cfg.get('name')}: {cause}") from None
+    return method
+
+
+def eos_ids(loaded) -> frozenset[int]:
+    ids: set[int] = set()
+    for src in (loaded.tokenizer.eos_token_id, getattr(loaded.model.generation_config, "eos_token_id", None)):
+        if src is None:
+            continue
+        ids.update([src] if isinstance(src, int) else list(src))
+    return frozenset(ids)
+
+
+class Runner:
+    """One method on the shared model: generates every turn of a prompt and times it."""
+
+    def __init__(self, label: str, method: DecodingMethod, loaded, chat_template, device):
+        self.label = label
+        self.method = method
+        self.loaded = loaded
+        self.chat_template = chat_template
+        self.cuda = str(device).startswith("cuda")
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def run(self, prompt: Prompt, settings: Settings, seed: int) -> dict[str, Any]:
+        tok = self.loaded.tokenizer
+        messages: list[dict[str, str]] = []
+        gens: list[Generation] = []
+        texts, ids_per_turn, prompt_lens = [], [], []
+        elapsed = 0.0
+        generator = torch.Generator().manual_seed(seed)
+        max_pos = self.method.target.max_positions
+        for turn in prompt.turns:
+            messages.append({"role": "user", "content": turn})
+            ids = encode(tok, messages, self.chat_template)
+            if len(ids) >= max_pos:
+                return {"error": f"prompt has {len(ids)} tokens, more than the model's context "
+                                 f"of {max_pos}"}
+            self._sync()
+            t0 = time.perf_counter()
+            gen = self.method.generate(ids, settings, generator)
+            self._sync()
+            elapsed += time.perf_counter() - t0
+            gens.append(gen)
+            text = tok.decode(gen.tokens, skip_special_tokens=True)
+            texts.append(text)
+            ids_per_turn.append(gen.tokens)
+            prompt_lens.append(len(ids))
+            messages.append({"role": "assistant", "content": text})
+        new_tokens = sum(len(g.tokens) for g in gens)
+        steps = sum(g.steps for g in gens)
+        row = {
+            "new_tokens": new_tokens,
+            "time_s": elapsed,
+            "tokens_per_s": new_tokens / elapsed if elapsed > 0 else None,
+            "steps": steps,
+            "accepted_per_step": new_tokens / steps if steps else None,
+            "finish_reason": [g.finish_reason for g in gens],
+            "prompt_tokens": prompt_lens,
+            "token_ids": ids_per_turn,
+            "text": texts,
+        }
+        extra: dict[str, Any] = {}
+        for g in gens:
+            for k, v in g.extra.items():
+                extra.setdefault(k, []).append(v)
+        if extra:
+            row["extra"] = extra
+        return row
+
+
+def run(cfg, run) -> dict[str, Any]:
+    from tokctl.decode.target import make_target
+    from tokctl.models.loading import load_causal_lm
+
+    settings = settings_from(cfg)
+    prompts = load_prompts(cfg.data)  # a bad data file fails before the model loads
+    baseline_name = cfg.get("baseline")
+    baseline_cfg = method_config(str(baseline_name)) if baseline_name else None
+    method = build_method(cfg.method)
+    baseline = build_method(baseline_cfg) if baseline_cfg is not None else None
+
+    loaded = load_causal_lm(cfg.model)
+    settings.eos_ids = eos_ids(loaded)
+    target = make_target(loaded.model, loaded.tokenizer, str(cfg.model.get("backend") or "auto"))
+    run.update_env(model_source=loaded.source, model_load_s=round(loaded.load_s, 3),
+                   model=loaded.info, backend=target.backend, dtype=loaded.info["dtype"],
+                   device=loaded.info["device"])
+    console.print(f"[dim]model {loaded.source} loaded in {loaded.load_s:.2f}s "
+                  f"({loaded.info['dtype']}, {loaded.info['device']}, backend {target.backend}, "
+                  f"{torch.get_num_threads()} threads)[/]")
+    runners = [Runner("method", method, loaded, cfg.data.get("chat_template", "auto"),
+                      loaded.info["device"])]
+    method.setup(target, loaded)
+    if baseline is not None:
+        baseline.setup(target, loaded)
+        runners.append(Runner("baseline", baseline, loaded, cfg.data.get("chat_template", "auto"),
+                              loaded.info["device"]))
+
+    warm = int(cfg.get("warmup", 1) or 0)
+    if warm:
+        short = Settings(max_new_tokens=min(16, settings.max_new_tokens), sampling=settings.sampling,
+                         eos_ids=settings.eos_ids)
+        for prompt in prompts[:warm]:
+            for r in runners:
+                r.run(prompt, short, seed=int(cfg.seed))
+
+    rows: list[dict[str, Any]] = []
+    try:
+        with progress_bar(f"decode {method.name}" + (f" vs {baseline.name}" if baseline else ""),
+                          len(prompts)) as advance:
+            for i, prompt in enumerate(prompts):
+                order = runners if i % 2 == 0 else runners[::-1]
+                results = {r.label: r.run(prompt, settings, seed=int(cfg.seed) + i) for r in order}
+                row: dict[str, Any] = {"index": i, "id": prompt.id, "category": prompt.category}
+                row.update(results["method"])
+                if baseline is not None:
+                    row["baseline"] = results["baseline"]
+                    if "error" not in row and "error" not in row["baseline"]:
+                        row["identical_to_baseline"] = row["token_ids"] == row["baseline"]["token_ids"]
+                        row["speedup"] = (row["baseline"]["time_s"] / row["time_s"]
+                                          * row["new_tokens"] / max(1, row["baseline"]["new_tokens"]))
+                run.append_sample(row)
+                rows.append(row)
+                advance(info=_progress_info(rows))
+    except KeyboardInterrupt:
+        run.write_metrics(_metrics(rows, method, baseline, settings, partial=True))
+        raise
+    metrics = _metrics(rows, method, baseline, settings)
+    print_summary(metrics, method.name, baseline.name if baseline else None)
+    return metrics
+
+
+def _progress_info(rows: list[dict[str, Any]]) -> str:
+    done = [r for r in rows if "error" not in r]
+    if not done:
+        return ""
+    tps = sum(r["new_tokens"] for r in done) / max(1e-9, sum(r["time_s"] for r in done))
+    return f"{tps:.1f} tok/s"
+
+
+def _metrics(rows, method, baseline, settings, partial: bool = False) -> dict[str, Any]:
+    metrics = aggregate(rows, has_baseline=baseline is not None)
+    metrics.update(method=method.name, baseline=baseline.name if baseline else None,
+                   temperature=settings.sampling.temperature, max_new_tokens=settings.max_new_tokens,
+                   threads=torch.get_num_threads(), method_info=method.run_info(),
+                   baseline_info=baseline.run_info() if baseline else None)
+    if partial:
+        metrics["partial"] = True
+    return metrics

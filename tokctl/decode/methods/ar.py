@@ -1,0 +1,34 @@
+"""`method=ar`: plain autoregressive decoding in a tight loop over the target's KV cache.
+
+The baseline every other method is measured against: one target forward pass per new token,
+greedy or sampled (temperature, top-k, top-p) exactly as the shared sampling module defines it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokctl.decode.base import DecodingMethod, Generation, append_tokens
+from tokctl.decode.sampling import Settings, choose
+
+
+class Autoregressive(DecodingMethod):
+    name = "ar"
+
+    def generate(self, prompt_ids: list[int], settings: Settings,
+                 generator: torch.Generator | None) -> Generation:
+        target = self.target
+        room = target.max_positions - len(prompt_ids)
+        logits = target.prefill(prompt_ids, capacity=len(prompt_ids) + settings.max_new_tokens + 1)
+        out: list[int] = []
+        while True:
+            token = choose(logits, settings.sampling, generator)
+            reason = append_tokens(out, [token], settings)
+            if reason is None and len(out) >= room:
+                reason = "context"
+            if reason:
+                break
+            logits = target.forward([token])[0]
+            target.commit([0])
+        return Generation(tokens=out, steps=target.forward_calls, finish_reason=reason,
+                          accepted_per_step=[1] * target.forward_calls)

@@ -1,0 +1,108 @@
+"""Aggregates of a decode run, overall and per category, as Spec-Bench reports them.
+
+``speedup`` is the ratio of throughputs (total new tokens over total time, method against
+baseline, both measured in the same run); the per-sample ratios give its median and spread.
+``mean_accepted_tokens`` is new tokens per target forward pass, the hardware-independent figure.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from rich.table import Table
+
+from tokctl.console import console
+
+
+def _quantile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _group(rows: list[dict[str, Any]], has_baseline: bool) -> dict[str, Any]:
+    new = sum(r["new_tokens"] for r in rows)
+    t = sum(r["time_s"] for r in rows)
+    steps = sum(r["steps"] for r in rows)
+    out: dict[str, Any] = {
+        "num_samples": len(rows),
+        "new_tokens": new,
+        "time_s": t,
+        "tokens_per_s": new / t if t > 0 else None,
+        "mean_accepted_tokens": new / steps if steps else None,
+    }
+    if has_baseline:
+        b_new = sum(r["baseline"]["new_tokens"] for r in rows)
+        b_t = sum(r["baseline"]["time_s"] for r in rows)
+        b_steps = sum(r["baseline"]["steps"] for r in rows)
+        out["baseline_new_tokens"] = b_new
+        out["baseline_time_s"] = b_t
+        out["baseline_tokens_per_s"] = b_new / b_t if b_t > 0 else None
+        out["baseline_mean_accepted_tokens"] = b_new / b_steps if b_steps else None
+        if out["tokens_per_s"] and out["baseline_tokens_per_s"]:
+            out["speedup"] = out["tokens_per_s"] / out["baseline_tokens_per_s"]
+        else:
+            out["speedup"] = None
+        per = [r["speedup"] for r in rows if r.get("speedup") is not None]
+        out["speedup_median"] = _quantile(per, 0.5)
+        out["speedup_q25"] = _quantile(per, 0.25)
+        out["speedup_q75"] = _quantile(per, 0.75)
+        ident = [bool(r.get("identical_to_baseline")) for r in rows]
+        out["identical_to_baseline"] = sum(ident) / len(ident) if ident else None
+    return out
+
+
+def aggregate(rows: list[dict[str, Any]], has_baseline: bool) -> dict[str, Any]:
+    ok = [r for r in rows if "error" not in r and "error" not in r.get("baseline", {})]
+    failed = [r for r in rows if r not in ok]
+    metrics = _group(ok, has_baseline) if ok else {"num_samples": 0}
+    metrics["failed_samples"] = len(failed)
+    cats: dict[str, list[dict[str, Any]]] = {}
+    for r in ok:
+        cats.setdefault(r["category"], []).append(r)
+    metrics["per_category"] = {c: _group(rs, has_baseline) for c, rs in sorted(cats.items())}
+    if ok:
+        metrics["tokens_per_s_sample_median"] = statistics.median(
+            r["tokens_per_s"] for r in ok if r["tokens_per_s"])
+    return metrics
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def print_summary(metrics: dict[str, Any], method: str, baseline: str | None) -> None:
+    title = f"decode: {method}" + (f" vs {baseline}" if baseline else "")
+    table = Table(title=title)
+    cols = ["category", "n", "tok/s"]
+    if baseline:
+        cols += [f"{baseline} tok/s", "speedup"]
+    cols += ["accepted/step"]
+    if baseline:
+        cols += ["identical"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "category" else "right")
+
+    def row(name: str, m: dict[str, Any]) -> list[str]:
+        cells = [name, str(m.get("num_samples", 0)), _f(m.get("tokens_per_s"), 1)]
+        if baseline:
+            cells += [_f(m.get("baseline_tokens_per_s"), 1), _f(m.get("speedup"))]
+        cells += [_f(m.get("mean_accepted_tokens"))]
+        if baseline:
+            cells += [_f(m.get("identical_to_baseline"))]
+        return cells
+
+    for cat, m in metrics.get("per_category", {}).items():
+        table.add_row(*row(cat, m))
+    table.add_row(*row("[bold]overall[/]", metrics), end_section=True)
+    console.print(table)
+    if baseline and metrics.get("speedup_median") is not None:
+        console.print(f"per-sample speedup: median {_f(metrics['speedup_median'])}, "
+                      f"interquartile {_f(metrics['speedup_q25'])}-{_f(metrics['speedup_q75'])}")
+    if metrics.get("failed_samples"):
+        console.print(f"[yellow]{metrics['failed_samples']} sample(s) failed; their reasons are "
+                      f"in samples.jsonl[/]")

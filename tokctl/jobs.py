@@ -1,0 +1,194 @@
+"""The table of jobs and the one function that runs any of them in a run folder.
+
+A job is ``run(cfg, run) -> metrics``: it reads its composed config, writes samples through the
+:class:`~tokctl.runs.Run`, and returns the aggregates that become metrics.json. Everything around
+that (creating the folder, env.json, threads, seeds, status, signals, errors) happens here, once,
+for every command, whether the job was launched by ``tokctl`` itself or by a Hydra launcher.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tokctl.errors import UserError
+
+
+@dataclass(frozen=True)
+class Job:
+    command: str  # as typed: "decode", "compress-vit train"
+    conf: str  # folder under conf/
+    config_name: str  # primary config in that folder
+    target: str | None  # "module:function"; None while the job is not built yet
+    summary: str
+    examples: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def run_folder_name(self) -> str:
+        return self.command.replace(" ", "-")
+
+
+JOBS: dict[str, Job] = {
+    job.command: job
+    for job in [
+        Job("decode", "decode", "decode", "tokctl.decode.job:run",
+            "Decode prompts with a method (speculative, sparse, ...) beside a baseline.",
+            ("tokctl decode", "tokctl decode method=ar baseline=hf data.limit=4",
+             "tokctl decode model=hf model.id=HuggingFaceTB/SmolLM2-360M-Instruct",
+             "tokctl decode -m method=ar,hf")),
+        Job("compress-vit", "compress_vit", "compress_vit", None,
+            "Token merging, pruning and clustering in Vision Transformers."),
+        Job("tokenize-image", "tokenize_image", "tokenize_image", None,
+            "1D and 2D discrete image tokenizers: train, encode, decode, evaluate."),
+    ]
+}
+
+
+def load_target(job: Job) -> Callable[..., Any]:
+    if job.target is None:
+        raise UserError(f"`tokctl {job.command}` is not built yet in this version of tokctl")
+    module, _, name = job.target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def setup_torch(cfg) -> dict[str, Any]:
+    """Threads and seeds, decided on purpose and recorded: small ops on a 2-core machine stall
+    badly when torch's thread count fights another busy process."""
+    import random
+
+    import numpy as np
+    import torch
+
+    threads = cfg.get("threads")
+    if threads in (None, "auto", 0):
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = int(threads)
+    if threads < 1:
+        raise UserError(f"threads={threads} must be a positive integer (or auto)")
+    torch.set_num_threads(threads)
+    seed = int(cfg.get("seed", 0) or 0)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return {"torch_threads": torch.get_num_threads(), "seed": seed}
+
+
+def execute(job: Job, cfg, run_dir: Path) -> tuple[str, Path]:
+    """Run one job in ``run_dir``; returns (status, path). Raises UserError for the user's
+    mistakes after recording them in the folder; re-raises KeyboardInterrupt."""
+    from tokctl.config import to_yaml
+    from tokctl.runs import Interrupted, Run, check_writable, interrupts_as_exceptions
+
+    fn = load_target(job)
+    check_writable(run_dir)
+    run = Run.create(run_dir, to_yaml(cfg))
+    status = "failed"
+    try:
+        with interrupts_as_exceptions():
+            run.update_env(**setup_torch(cfg), command=job.command)
+            metrics = fn(cfg, run)
+            if metrics is not None:
+                run.write_metrics(metrics)
+            status = "completed"
+    except (KeyboardInterrupt, Interrupted):
+        status = "interrupted"
+        raise
+    except UserError as exc:
+        run.fail(str(exc))
+        raise
+    except Exception as exc:  # noqa: BLE001 - the traceback goes to the run folder
+        run.fail(traceback.format_exc())
+        raise JobCrashed(f"{type(exc).__name__}: {exc}", run.path) from exc
+    finally:
+        run.close()
+        run.set_status(status)
+    return status, run.path
+
+
+class JobCrashed(Exception):
+    """A bug, not a user error: one line on screen, the traceback in the run folder."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
+
+def default_run_dir(job: Job, cfg) -> Path:
+    from tokctl.runs import new_run_dir
+
+    root = cfg.get("runs_dir") or "runs"
+    return new_run_dir(root, job.run_folder_name, str(cfg.get("name") or job.config_name))
+
+
+def run_single(job: Job, overrides: list[str]) -> tuple[str, Path]:
+    from tokctl.config import compose, split_run_dir
+    from tokctl.runs import check_writable
+
+    run_dir, rest = split_run_dir(overrides)
+    cfg = compose(job.conf, job.config_name, rest)
+    load_target(job)  # fail before making a folder if the job does not exist
+    if run_dir is None:
+        check_writable(cfg.get("runs_dir") or "runs")
+        path = default_run_dir(job, cfg)
+    else:
+        path = Path(run_dir)
+    return execute(job, cfg, path)
+
+
+def run_multirun(job: Job, overrides: list[str]) -> Path:
+    """Every sweep point through Hydra's configured launcher (basic, submitit_local, submitit_slurm).
+
+    All points are composed first, so a typo fails in one line before any job starts.
+    """
+    from hydra import main as hydra_main
+    from hydra.core.hydra_config import HydraConfig
+
+    from tokctl.config import common_searchpath, compose, conf_dir, split_run_dir, sweep_points
+    from tokctl.runs import check_writable, new_run_dir
+
+    _, overrides = split_run_dir(overrides)
+    user_hydra = [o for o in overrides if o.startswith(("hydra.", "hydra/"))]
+    points = sweep_points([o for o in overrides if o not in user_hydra])
+    for point in points:
+        cfg = compose(job.conf, job.config_name, point + user_hydra)
+    load_target(job)
+    extra = []
+    sweep_dir = next((o.split("=", 1)[1] for o in user_hydra if o.startswith("hydra.sweep.dir=")), None)
+    if sweep_dir is None:
+        root = cfg.get("runs_dir") or "runs"
+        check_writable(root)
+        sweep_dir = str(new_run_dir(root, job.run_folder_name, "sweep"))
+        extra.append(f"hydra.sweep.dir={sweep_dir}")
+    else:
+        check_writable(sweep_dir)
+    if not any(o.startswith("hydra.sweep.subdir=") for o in user_hydra):
+        extra.append("hydra.sweep.subdir=${hydra.job.num}")
+    if not any(o.startswith("hydra/job_logging") for o in user_hydra):
+        extra.append("hydra/job_logging=none")
+
+    def task(cfg):
+        from omegaconf import OmegaConf
+
+        OmegaConf.resolve(cfg)
+        out = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            status, _ = execute(job, cfg, out)
+        except (UserError, JobCrashed) as exc:
+            print(f"error: {exc} ({out})", file=sys.stderr)
+            status = "failed"
+        return status
+
+    wrapped = hydra_main(config_path=str(conf_dir(job.conf)), config_name=job.config_name,
+                         version_base="1.3")(task)
+    saved = sys.argv
+    sys.argv = [f"tokctl {job.command}", "--multirun", *overrides, *extra, common_searchpath()]
+    try:
+        wrapped()
+    finally:
+        sys.argv = saved
+    return Path(sweep_dir)

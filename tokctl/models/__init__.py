@@ -1,0 +1,1 @@
+"""Loading models and tokenizers: HF ids or folders, GGUF files, the embedded defaults."""
