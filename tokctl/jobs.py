@@ -43,6 +43,10 @@ JOBS: dict[str, Job] = {
              "tokctl decode -m method=ar,hf")),
         Job("compress-vit", "compress_vit", "compress_vit", None,
             "Token merging, pruning and clustering in Vision Transformers."),
+        Job("compress-vit train", "compress_vit", "train", "tokctl.vit.train:run",
+            "Train the embedded default ViT (Fashion-MNIST, 197 tokens) from scratch.",
+            ("tokctl compress-vit train", "tokctl compress-vit train train.epochs=0.1",
+             "tokctl compress-vit train resume=runs/compress-vit-train/DATE/TIME_fashion-vit")),
         Job("tokenize-image", "tokenize_image", "tokenize_image", None,
             "1D and 2D discrete image tokenizers: train, encode, decode, evaluate."),
     ]
