@@ -99,8 +99,10 @@ def _run_job_command(top: str, args: list[str]) -> None:
 
     try:
         if multirun:
-            path = run_multirun(job, overrides)
+            path, complete = run_multirun(job, overrides)
             console.print(str(path), soft_wrap=True)
+            if not complete:  # some point failed: say so in the exit status, for scripts
+                raise typer.Exit(1)
             return
         status, path = run_single(job, overrides)
     except UserError as exc:

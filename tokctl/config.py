@@ -64,7 +64,7 @@ def split_run_dir(overrides: Iterable[str]) -> tuple[str | None, list[str]]:
 
 
 def _hydra_error(exc: Exception) -> UserError:
-    msg = one_line(str(exc))
+    msg = one_line(str(exc).split("Config search path:")[0])
     msg = msg.replace("Available options in", "; available options in")
     return UserError(msg)
 
@@ -89,6 +89,9 @@ def compose(folder: str, config_name: str, overrides: list[str]):
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise _hydra_error(exc) from None
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    if missing:
+        raise UserError(f"{', '.join(missing)} must be set: add {missing[0]}=VALUE to the command")
     return cfg
 
 
