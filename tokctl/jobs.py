@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,35 +81,44 @@ def setup_torch(cfg) -> dict[str, Any]:
     return {"torch_threads": torch.get_num_threads(), "seed": seed}
 
 
-def execute(job: Job, cfg, run_dir: Path) -> tuple[str, Path]:
+def execute(job: Job, cfg, run_dir: Path, extra_signals: tuple[int, ...] = ()) -> tuple[str, Path]:
     """Run one job in ``run_dir``; returns (status, path). Raises UserError for the user's
-    mistakes after recording them in the folder; re-raises KeyboardInterrupt."""
+    mistakes after recording them in the folder; re-raises KeyboardInterrupt.
+
+    Signals are caught from before the folder is claimed until its final status is written, so
+    no SIGINT/SIGTERM can leave a run that says ``running`` (``extra_signals``: a scheduler's
+    time-limit warning, say, which interrupts the same way).
+    """
     from tokctl.config import to_yaml
-    from tokctl.runs import Interrupted, Run, check_writable, interrupts_as_exceptions
+    from tokctl.runs import Run, check_writable, interrupts_as_exceptions, signals_held
 
     fn = load_target(job)
     check_writable(run_dir)
-    run = Run.create(run_dir, to_yaml(cfg))
-    status = "failed"
-    try:
-        with interrupts_as_exceptions():
+    with interrupts_as_exceptions(extra_signals):
+        run = Run.create(run_dir, to_yaml(cfg))
+        status = "failed"
+        try:
             run.update_env(**setup_torch(cfg), command=job.command)
             metrics = fn(cfg, run)
             if metrics is not None:
                 run.write_metrics(metrics)
             status = "completed"
-    except (KeyboardInterrupt, Interrupted):
-        status = "interrupted"
-        raise
-    except UserError as exc:
-        run.fail(str(exc))
-        raise
-    except Exception as exc:  # noqa: BLE001 - the traceback goes to the run folder
-        run.fail(traceback.format_exc())
-        raise JobCrashed(f"{type(exc).__name__}: {exc}", run.path) from exc
-    finally:
-        run.close()
-        run.set_status(status)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        except UserError as exc:
+            run.fail(str(exc))
+            raise
+        except Exception as exc:  # noqa: BLE001 - the traceback goes to the run folder
+            run.fail(traceback.format_exc())
+            raise JobCrashed(f"{type(exc).__name__}: {exc}", run.path) from exc
+        except BaseException as exc:  # SystemExit from inside a job: still a failed run
+            run.fail(f"the job exited: {type(exc).__name__}({exc})")
+            raise
+        finally:
+            with signals_held():
+                run.close()
+                run.set_status(status)
     return status, run.path
 
 
@@ -144,55 +152,11 @@ def run_single(job: Job, overrides: list[str]) -> tuple[str, Path]:
     return execute(job, cfg, path)
 
 
-def run_multirun(job: Job, overrides: list[str]) -> Path:
-    """Every sweep point through Hydra's configured launcher (basic, submitit_local, submitit_slurm).
+def run_multirun(job: Job, overrides: list[str]) -> tuple[Path, bool]:
+    """Every sweep point through Hydra's configured launcher (basic, submitit_local,
+    submitit_slurm), in one sweep folder with a sweep.json; see tokctl.sweep. Returns the sweep
+    folder and whether every point of the grid completed."""
+    from tokctl.sweep import run_sweep
 
-    All points are composed first, so a typo fails in one line before any job starts.
-    """
-    from hydra import main as hydra_main
-    from hydra.core.hydra_config import HydraConfig
-
-    from tokctl.config import common_searchpath, compose, conf_dir, split_run_dir, sweep_points
-    from tokctl.runs import check_writable, new_run_dir
-
-    _, overrides = split_run_dir(overrides)
-    user_hydra = [o for o in overrides if o.startswith(("hydra.", "hydra/"))]
-    points = sweep_points([o for o in overrides if o not in user_hydra])
-    for point in points:
-        cfg = compose(job.conf, job.config_name, point + user_hydra)
-    load_target(job)
-    extra = []
-    sweep_dir = next((o.split("=", 1)[1] for o in user_hydra if o.startswith("hydra.sweep.dir=")), None)
-    if sweep_dir is None:
-        root = cfg.get("runs_dir") or "runs"
-        check_writable(root)
-        sweep_dir = str(new_run_dir(root, job.run_folder_name, "sweep"))
-        extra.append(f"hydra.sweep.dir={sweep_dir}")
-    else:
-        check_writable(sweep_dir)
-    if not any(o.startswith("hydra.sweep.subdir=") for o in user_hydra):
-        extra.append("hydra.sweep.subdir=${hydra.job.num}")
-    if not any(o.startswith("hydra/job_logging") for o in user_hydra):
-        extra.append("hydra/job_logging=none")
-
-    def task(cfg):
-        from omegaconf import OmegaConf
-
-        OmegaConf.resolve(cfg)
-        out = Path(HydraConfig.get().runtime.output_dir)
-        try:
-            status, _ = execute(job, cfg, out)
-        except (UserError, JobCrashed) as exc:
-            print(f"error: {exc} ({out})", file=sys.stderr)
-            status = "failed"
-        return status
-
-    wrapped = hydra_main(config_path=str(conf_dir(job.conf)), config_name=job.config_name,
-                         version_base="1.3")(task)
-    saved = sys.argv
-    sys.argv = [f"tokctl {job.command}", "--multirun", *overrides, *extra, common_searchpath()]
-    try:
-        wrapped()
-    finally:
-        sys.argv = saved
-    return Path(sweep_dir)
+    result = run_sweep(job, overrides)
+    return result.path, result.complete

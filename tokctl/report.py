@@ -99,12 +99,12 @@ def runs_ls(root: Path, command: str | None = None, limit: int = 30, as_json: bo
     for row in rows:
         m = row["metrics"]
         head = ", ".join(f"{k}={fmt(m[k])}" for k in HEADLINE if k in m)[:80]
-        table.add_row(row["path"], row["command"], _status_markup(row["status"]),
+        table.add_row(row["path"], row["command"], status_markup(row["status"]),
                       str(row["samples"]), head)
     console.print(table)
 
 
-def _status_markup(status: str | None) -> str:
+def status_markup(status: str | None) -> str:
     colour = {"completed": "green", "running": "cyan", "failed": "red",
               "interrupted": "yellow"}.get(status or "", "white")
     return f"[{colour}]{status or '?'}[/]"
@@ -121,7 +121,7 @@ def runs_show(run: Path, as_json: bool = False) -> None:
         print(json.dumps({**run_summary(run), "metrics": metrics, "env": env,
                           "config": load_config(run), "error": error}, indent=2))
         return
-    console.print(f"[bold]{run}[/]  {_status_markup(read_status(run))}  "
+    console.print(f"[bold]{run}[/]  {status_markup(read_status(run))}  "
                   f"{len(read_samples(run))} samples")
     cfg = flatten(load_config(run))
     table = Table(title="config", show_header=False)
@@ -188,7 +188,7 @@ def runs_compare(paths: list[Path], metrics: list[str] | None = None, as_json: b
     for m in shown:
         table.add_column(m, justify="right")
     for s, c in summaries_cfgs:
-        table.add_row(Path(s["path"]).name, _status_markup(s["status"]),
+        table.add_row(Path(s["path"]).name, status_markup(s["status"]),
                       *[fmt(c.get(k)) for k in varying], *[fmt(s["metrics"].get(m)) for m in shown])
     console.print(table)
 

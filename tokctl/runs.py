@@ -106,31 +106,60 @@ def new_run_dir(root: Path | str, command: str, name: str) -> Path:
     now = _dt.datetime.now()
     safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "-", name).strip("-") or "run"
     parent = Path(root) / command / now.strftime("%Y-%m-%d")
-    parent.mkdir(parents=True, exist_ok=True)
     stem = f"{now.strftime('%H-%M-%S')}_{safe}"
-    for i in range(1, 10_000):
-        path = parent / (stem if i == 1 else f"{stem}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 10_000):
+            path = parent / (stem if i == 1 else f"{stem}-{i}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise UserError(f"cannot create a run folder under {parent}: {exc.strerror or exc} "
+                        f"(choose another place with runs_dir=PATH)") from None
     raise UserError(f"could not create a fresh run folder under {parent}")
 
 
-def check_writable(folder: Path | str, min_free_mb: int = 50) -> None:
-    """Fail in one line, before any model is loaded, if the run folder cannot take our output."""
+MIN_FREE_MB_ENV = "TOKCTL_MIN_FREE_MB"
+
+
+def min_free_mb() -> float:
+    """Free space a run needs before it starts: 50 MB, or $TOKCTL_MIN_FREE_MB."""
+    raw = os.environ.get(MIN_FREE_MB_ENV, "50")
+    try:
+        return float(raw)
+    except ValueError:
+        raise UserError(f"{MIN_FREE_MB_ENV}={raw!r} must be a number of megabytes") from None
+
+
+def check_writable(folder: Path | str, min_free: float | None = None) -> None:
+    """Fail in one line, before any model is loaded, if the run folder cannot take our output.
+
+    Writes and removes a probe file in the nearest existing folder: permission bits alone do not
+    tell (root ignores them; a read-only mount or a full quota does not show in them).
+    """
     folder = Path(folder)
     probe_dir = folder
-    while not probe_dir.exists():
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
-    if not os.access(probe_dir, os.W_OK):
+    hint = "choose another place with runs_dir=PATH or hydra.run.dir=PATH"
+    if not probe_dir.is_dir():
+        raise UserError(f"cannot write run output under {folder}: {probe_dir} is not a folder "
+                        f"({hint})")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tokctl-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
         raise UserError(f"cannot write run output under {folder}: {probe_dir} is not writable "
-                        f"(choose another place with runs_dir=PATH or hydra.run.dir=PATH)")
+                        f"({exc.strerror or exc}; {hint})") from None
+    need = min_free_mb() if min_free is None else min_free
     free_mb = _free_mb(probe_dir)
-    if free_mb is not None and free_mb < min_free_mb:
-        raise UserError(f"only {free_mb:.0f} MB free on the disk holding {probe_dir}; "
-                        f"free some space or choose another place with runs_dir=PATH")
+    if free_mb is not None and free_mb < need:
+        raise UserError(f"only {free_mb:.0f} MB free on the disk holding {probe_dir} (a run needs "
+                        f"{need:.0f} MB, set by {MIN_FREE_MB_ENV}); free some space or {hint}")
 
 
 def _free_mb(path: Path) -> float | None:
@@ -170,11 +199,14 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "argv": sys.argv,
+        "pid": os.getpid(),
         "cwd": os.getcwd(),
         "git_commit": _git_commit(),
         "packages": {},
         "env": {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET",
-                                           "TOKCTL_TRITON", "OMP_NUM_THREADS", "SLURM_JOB_ID")
+                                           "TOKCTL_TRITON", "OMP_NUM_THREADS", "SLURM_JOB_ID",
+                                           "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+                                           "SUBMITIT_EXECUTOR")
                 if k in os.environ},
     }
     for pkg in ("tokctl", "torch", "transformers", "triton", "hydra-core", "numpy", "timm"):
@@ -203,14 +235,31 @@ class Run:
     # --- creation -------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: Path | str, config_yaml: str) -> "Run":
+        """Claim ``path`` for a new run. The claim is the exclusive creation of ``status``, so two
+        processes pointed at the same folder can never both write into it."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if (path / "status").exists() or (path / "samples.jsonl").exists():
-            raise UserError(f"{path} already holds a run; choose another hydra.run.dir=PATH")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path / "status", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise UserError(f"{path} already holds a run; choose another hydra.run.dir=PATH") from None
+        except OSError as exc:
+            raise UserError(f"cannot create the run folder {path}: {exc.strerror or exc} "
+                            f"(choose another place with runs_dir=PATH)") from None
+        try:
+            os.write(fd, b"running\n")
+        finally:
+            os.close(fd)
+        if (path / "samples.jsonl").exists():
+            raise UserError(f"{path} already holds samples of another run; choose another "
+                            f"hydra.run.dir=PATH")
         run = cls(path)
-        atomic_write_text(path / "config.yaml", config_yaml)
-        run.write_env()
-        run.set_status("running")
+        try:
+            atomic_write_text(path / "config.yaml", config_yaml)
+            run.write_env()
+        except OSError as exc:
+            run.fail(f"cannot write into the run folder: {exc}")
+            raise UserError(f"cannot write into the run folder {path}: {exc.strerror or exc}") from None
         return run
 
     def write_env(self, **extra: Any) -> None:
@@ -229,15 +278,26 @@ class Run:
         return self.path / name
 
     def append_sample(self, row: dict[str, Any]) -> None:
-        """One line per sample, written with a single write() and flushed to disk at once, so a
-        killed run never leaves half a line."""
+        """One line per sample, written whole and flushed to disk at once. SIGINT/SIGTERM wait
+        for the line; a failed write (a full disk) is cut back, so the file never holds half a
+        line."""
         if self._samples is None:
             self._samples = os.open(self.path / "samples.jsonl",
                                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         line = (to_json(row, indent=None) + "\n").encode("utf-8")
         with _signals_deferred():
-            os.write(self._samples, line)
-            os.fsync(self._samples)
+            start = os.lseek(self._samples, 0, os.SEEK_END)
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(self._samples, view):]
+                os.fsync(self._samples)
+            except BaseException:
+                try:
+                    os.ftruncate(self._samples, start)
+                except OSError:
+                    pass
+                raise
 
     def write_json(self, name: str, obj: Any) -> None:
         atomic_write_json(self.path / name, obj)
@@ -250,11 +310,20 @@ class Run:
 
     def set_status(self, status: str) -> None:
         assert status in STATUSES, status
-        atomic_write_text(self.path / "status", status + "\n")
+        write_status(self.path, status)
 
     def fail(self, message: str) -> None:
-        atomic_write_text(self.path / "error.txt", message.rstrip() + "\n")
-        self.set_status("failed")
+        """Record why the run failed. Never raises: it runs while another error unwinds, perhaps
+        on a full disk, where the status matters more than the message."""
+        try:
+            atomic_write_text(self.path / "error.txt", message.rstrip() + "\n")
+        except OSError as exc:
+            print(f"tokctl: could not write {self.path / 'error.txt'} ({exc}): {message.strip()}",
+                  file=sys.stderr)
+        try:
+            self.set_status("failed")
+        except OSError as exc:
+            print(f"tokctl: could not mark {self.path} failed: {exc}", file=sys.stderr)
 
     def close(self) -> None:
         if self._samples is not None:
@@ -272,49 +341,106 @@ class Run:
 
 # --------------------------------------------------------------------------------------- signals
 class Interrupted(KeyboardInterrupt):
-    """Raised in the main thread on SIGTERM, so a killed job unwinds like Ctrl-C."""
+    """Raised in the main thread on SIGTERM (and SIGINT), so a killed job unwinds like Ctrl-C."""
 
 
-_deferred: list[int] = []
-_deferring = 0
+class _SignalState:
+    deferring = 0  # > 0 while a sample line is being written
+    deferred: int | None = None  # a signal that arrived meanwhile
+    received: int | None = None  # the signal being acted on: later ones must not cut the clean-up
+
+
+_state = _SignalState()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while a sample line is written; re-raise them right after."""
-    global _deferring
-    _deferring += 1
+    """Hold SIGINT/SIGTERM while a sample line is written; act on them right after."""
+    _state.deferring += 1
     try:
         yield
-    finally:
-        _deferring -= 1
-        if _deferring == 0 and _deferred:
-            signum = _deferred.pop()
-            _deferred.clear()
-            raise Interrupted(f"signal {signum}")
-
-
-def _handler(signum, frame):  # noqa: ARG001
-    if _deferring:
-        _deferred.append(signum)
-        return
-    raise Interrupted(f"signal {signum}")
+    except BaseException as exc:
+        _state.deferring -= 1
+        if _state.deferring == 0 and _state.deferred is not None:
+            signum, _state.deferred = _state.deferred, None
+            _state.received = signum
+            raise Interrupted(_signal_name(signum)) from exc
+        raise
+    _state.deferring -= 1
+    if _state.deferring == 0 and _state.deferred is not None:
+        signum, _state.deferred = _state.deferred, None
+        _state.received = signum
+        raise Interrupted(_signal_name(signum))
 
 
 @contextmanager
-def interrupts_as_exceptions() -> Iterator[None]:
-    """SIGINT and SIGTERM both become :class:`Interrupted` while a job runs."""
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM during a run's last bookkeeping (closing files, the final status);
+    one that arrived meanwhile interrupts right after."""
+    with _signals_deferred():
+        yield
+
+
+def _handler(signum, frame):  # noqa: ARG001
+    if _state.received is None and _state.deferring:
+        _state.deferred = signum
+        return
+    if _state.received is not None:
+        # The first signal is already unwinding the job (writing partial metrics, the status):
+        # a second Ctrl-C or a launcher's forwarded SIGTERM must not cut that short.
+        os.write(2, f"tokctl: {_signal_name(signum)} again: still saving the run, please "
+                    f"wait\n".encode())
+        return
+    _state.received = signum
+    raise Interrupted(_signal_name(signum))
+
+
+@contextmanager
+def interrupts_as_exceptions(extra: tuple[int, ...] = ()) -> Iterator[None]:
+    """SIGINT, SIGTERM (and ``extra`` signals, e.g. a scheduler's time-limit warning) become
+    :class:`Interrupted` while a job runs. Only the first one interrupts; later ones wait."""
+    signums = (signal.SIGINT, signal.SIGTERM, *extra)
     try:
-        old_int = signal.signal(signal.SIGINT, _handler)
-        old_term = signal.signal(signal.SIGTERM, _handler)
+        old = {s: signal.signal(s, _handler) for s in signums}
     except ValueError:  # not the main thread (e.g. a launcher's worker): leave signals alone
         yield
         return
+    outer = (_state.received, _state.deferred)
+    _state.received = _state.deferred = None
+    # A parallel sweep starts its jobs with SIGINT blocked (see tokctl.sweep.parent_signals):
+    # from here on the job handles it.
+    old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for s, h in old.items():
+            signal.signal(s, h)
+        inner = _state.received
+        _state.received, _state.deferred = outer
+        if _state.received is None and isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            _state.received = inner  # an enclosing context is unwinding from the same signal
+
+
+def write_status(path: Path | str, status: str) -> None:
+    """Atomically; on a full disk (no room for the temporary file) rewrite the few bytes in place,
+    which needs no new block, so that a run is never left saying ``running``."""
+    target = Path(path) / "status"
+    try:
+        atomic_write_text(target, status + "\n")
+    except OSError:
+        with open(target, "r+b") as f:
+            f.write((status + "\n").encode())
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -355,9 +481,22 @@ def is_run_dir(path: Path) -> bool:
 
 
 def find_runs(root: Path | str) -> list[Path]:
-    """Every run folder below ``root`` (or ``root`` itself), newest first."""
+    """Every run folder below ``root`` (or ``root`` itself), newest first.
+
+    Hidden folders are skipped: they hold Hydra's and submitit's files and the earlier attempts
+    of resumed sweep points (``.attempts/``), which must not count twice.
+    """
     root = Path(root)
     if is_run_dir(root):
         return [root]
-    found = [p.parent for p in root.rglob("status") if is_run_dir(p.parent)]
-    return sorted(found, key=lambda p: (p / "config.yaml").stat().st_mtime, reverse=True)
+    found = [p.parent for p in root.rglob("status")
+             if is_run_dir(p.parent)
+             and not any(part.startswith(".") for part in p.parent.relative_to(root).parts)]
+    return sorted(found, key=_mtime, reverse=True)
+
+
+def _mtime(run: Path) -> float:
+    try:
+        return (run / "config.yaml").stat().st_mtime
+    except OSError:  # removed while we looked
+        return 0.0
