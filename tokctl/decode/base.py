@@ -36,6 +36,17 @@ class DecodingMethod:
                  generator: torch.Generator | None) -> Generation:
         raise NotImplementedError
 
+    def snapshot(self) -> Any:
+        """State that learns across prompts (e.g. a recycling matrix), saved before the warm-up
+        so that the warm-up does not teach the method the first prompt."""
+        return None
+
+    def restore(self, snap: Any) -> None:
+        """Put back what :meth:`snapshot` returned."""
+
+    def finish(self) -> None:
+        """The run is over (or interrupted): persist anything worth keeping."""
+
     def run_info(self) -> dict[str, Any]:
         """Facts about this method's run worth recording (a chosen tree budget, say)."""
         return {}

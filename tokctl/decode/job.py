@@ -165,9 +165,12 @@ def run(cfg, run) -> dict[str, Any]:
     if warm:
         short = Settings(max_new_tokens=min(16, settings.max_new_tokens), sampling=settings.sampling,
                          eos_ids=settings.eos_ids)
+        snaps = [r.method.snapshot() for r in runners]
         for prompt in prompts[:warm]:
             for r in runners:
                 r.run(prompt, short, seed=int(cfg.seed))
+        for r, snap in zip(runners, snaps):
+            r.method.restore(snap)
 
     rows: list[dict[str, Any]] = []
     try:
@@ -190,6 +193,9 @@ def run(cfg, run) -> dict[str, Any]:
     except KeyboardInterrupt:
         run.write_metrics(_metrics(rows, method, baseline, settings, partial=True))
         raise
+    finally:
+        for r in runners:
+            r.method.finish()
     metrics = _metrics(rows, method, baseline, settings)
     print_summary(metrics, method.name, baseline.name if baseline else None)
     return metrics

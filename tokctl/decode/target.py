@@ -65,7 +65,10 @@ class Target:
         raise NotImplementedError
 
     # --- interface -------------------------------------------------------------------------------
-    def prefill(self, ids: Sequence[int] | torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+    def prefill(self, ids: Sequence[int] | torch.Tensor, capacity: int | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """Start a sequence; the logits after its last token ([V]), or at every position
+        ([T, V]) with ``all_logits``."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
         if ids.numel() == 0:
             raise UserError("empty prompt: nothing to decode from")
@@ -73,10 +76,10 @@ class Target:
         self.length = 0
         self._pending = 0
         logits = self._forward(ids, torch.arange(ids.numel(), device=self.device), None,
-                               last_only=True)
+                               last_only=not all_logits)
         self.forward_calls = 1
         self.length = ids.numel()
-        return logits[-1]
+        return logits if all_logits else logits[-1]
 
     def forward(self, tokens: Sequence[int] | torch.Tensor,
                 parents: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,192 @@
+"""Sizing draft trees for the hardware at hand.
+
+A tree that pays off on a GPU loses on a CPU: there a forward pass over 64 tokens costs several
+times one token, while on a GPU it costs about the same. So instead of a fixed tree, tokctl
+measures what a target forward of n tokens costs on the current device, dtype and thread count
+(once, cached per model), and each step keeps the n best draft nodes that maximise
+
+    expected tokens per step / cost(n + 1)        (the +1 is the root token)
+
+where the expected tokens are 1 (the bonus token) plus the acceptance probabilities of the nodes
+kept. With no draft at all the step is plain autoregressive decoding, so a method sized this way
+should not fall below the baseline by more than its own overhead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from bisect import bisect_left
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96)
+
+
+class VerifyCost:
+    """Seconds per target forward of n tokens, linearly interpolated between measured sizes."""
+
+    def __init__(self, table: dict[int, float], source: str = "measured"):
+        if not table:
+            raise ValueError("empty cost table")
+        self.sizes = sorted(int(n) for n in table)
+        self.seconds = [float(table[n]) for n in self.sizes]
+        self.source = source
+
+    def __call__(self, n: int) -> float:
+        sizes, secs = self.sizes, self.seconds
+        if n <= sizes[0]:
+            return secs[0]
+        if n >= sizes[-1]:  # extrapolate with the last slope
+            if len(sizes) == 1:
+                return secs[0] * n / sizes[0]
+            slope = (secs[-1] - secs[-2]) / (sizes[-1] - sizes[-2])
+            return secs[-1] + slope * (n - sizes[-1])
+        i = bisect_left(sizes, n)
+        if sizes[i] == n:
+            return secs[i]
+        f = (n - sizes[i - 1]) / (sizes[i] - sizes[i - 1])
+        return secs[i - 1] + f * (secs[i] - secs[i - 1])
+
+    def relative(self) -> dict[int, float]:
+        return {n: s / self.seconds[0] for n, s in zip(self.sizes, self.seconds)}
+
+    def to_json(self) -> dict:
+        return {"seconds": dict(zip(map(str, self.sizes), self.seconds)), "source": self.source}
+
+
+def measure(target, max_n: int = 96, prefix: int = 192, rounds: int = 5) -> VerifyCost:
+    """Time target forwards of each grid size, round-robin over sizes so drift hits all alike;
+    the median of ``rounds`` per size after one warm-up round."""
+    sizes = [n for n in GRID if n <= max_n]
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(target.vocab_size, 1000)
+    prompt = torch.randint(10, vocab, (prefix,), generator=gen).tolist()
+    target.prefill(prompt, capacity=prefix + max(sizes) + 8)
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    cuda = str(target.device).startswith("cuda")
+    for r in range(rounds + 1):
+        for n in sizes:
+            toks = torch.randint(10, vocab, (n,), generator=gen).tolist()
+            # A bushy two-level tree: the mask path is exercised, as in real verification.
+            parents = [-1 if i < max(1, n // 4) else (i % max(1, n // 4)) for i in range(n)]
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            target.forward(toks, parents)
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            target.commit([])
+            if r:
+                times[n].append(dt)
+    table = {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}
+    # A larger forward never costs less: smooth out noise so the budget search is well posed.
+    running = 0.0
+    for n in sizes:
+        running = max(running, table[n])
+        table[n] = running
+    return VerifyCost(table)
+
+
+def cost_key(model_source: str, target) -> str:
+    threads = torch.get_num_threads()
+    raw = f"{model_source}|{target.backend}|{target.device}|{target.dtype}|{threads}|{torch.__version__}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def cached_cost(model_source: str, target, max_n: int = 96, refresh: bool = False) -> VerifyCost:
+    """The cost table for this model, backend, device, dtype and thread count: read from the
+    cache, or measured (a few seconds) and stored."""
+    from tokctl.models.loading import cache_dir
+    from tokctl.runs import atomic_write_json
+
+    path = Path(cache_dir()) / "verify_cost" / f"{cost_key(model_source, target)}.json"
+    if path.is_file() and not refresh:
+        try:
+            data = json.loads(path.read_text())
+            table = {int(k): float(v) for k, v in data["seconds"].items()}
+            if max(table) >= min(max_n, GRID[-1]):
+                return VerifyCost(table, source=f"cache:{path}")
+        except (OSError, ValueError, KeyError):
+            pass
+    cost = measure(target, max_n=max_n)
+    atomic_write_json(path, {**cost.to_json(), "model": model_source, "backend": target.backend,
+                             "device": str(target.device), "dtype": str(target.dtype),
+                             "threads": torch.get_num_threads()})
+    cost.source = f"measured:{path}"
+    return cost
+
+
+def best_size(scores: Sequence[float], cost: Callable[[int], float]) -> tuple[int, float]:
+    """How many of the best-first node ``scores`` (acceptance probabilities, non-increasing) to
+    verify: the n maximising (1 + sum(scores[:n])) / cost(n + 1). Returns (n, expected speedup
+    over one-token steps)."""
+    base = 1.0 / cost(1)
+    best_n, best_rate, total = 0, base, 1.0
+    for n, s in enumerate(scores, 1):
+        total += s
+        rate = total / cost(n + 1)
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    return best_n, best_rate / base
+
+
+class SizedDrafts:
+    """Mixed into a speculative method: ``budget`` is "auto" (sized for the hardware with the
+    measured cost table) or a fixed number of draft nodes. Records every size it chose."""
+
+    def init_budget(self, budget, max_nodes: int) -> None:
+        if budget != "auto":
+            try:
+                budget = int(budget)
+            except (TypeError, ValueError):
+                from tokctl.errors import UserError
+
+                raise UserError(f"budget={budget!r} must be 'auto' or a number of draft nodes") from None
+            if budget < 0:
+                from tokctl.errors import UserError
+
+                raise UserError(f"budget={budget} must be >= 0")
+        self.budget = budget
+        self.max_nodes = int(max_nodes)
+        self.cost: VerifyCost | None = None
+        self.chosen_sizes: list[int] = []
+        self.predicted_gain: list[float] = []
+
+    def setup_budget(self, target, loaded) -> None:
+        if self.budget == "auto":
+            self.cost = cached_cost(loaded.source, target, max_n=self.max_nodes + 1)
+
+    def choose_size(self, ranked_scores: Sequence[float]) -> int:
+        scores = list(ranked_scores)[: self.max_nodes]
+        if self.budget == "auto":
+            n, gain = best_size(scores, self.cost)
+            self.predicted_gain.append(gain)
+        else:
+            n = min(int(self.budget), len(scores))
+        self.chosen_sizes.append(n)
+        return n
+
+    def budget_info(self) -> dict:
+        sizes = self.chosen_sizes
+        info = {"budget": self.budget, "max_nodes": self.max_nodes,
+                "mean_draft_nodes": sum(sizes) / len(sizes) if sizes else None,
+                "draft_nodes_hist": _hist(sizes)}
+        if self.cost is not None:
+            info["verify_cost_relative"] = {str(k): round(v, 3)
+                                            for k, v in self.cost.relative().items()}
+            info["verify_cost_source"] = self.cost.source
+            if self.predicted_gain:
+                info["predicted_step_gain_mean"] = sum(self.predicted_gain) / len(self.predicted_gain)
+        return info
+
+
+def _hist(values: Sequence[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
