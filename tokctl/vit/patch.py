@@ -113,6 +113,11 @@ class TokenMethod(nn.Module):
     def after_block(self, index: int, x: torch.Tensor, st: TokenState) -> torch.Tensor:
         return x
 
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The model to patch: the input model itself, or (for methods that fine-tune the
+        backbone, like TSM) a copy with their weights, leaving the input as the baseline."""
+        return model
+
     def planned_tokens(self, info: VitInfo) -> list[tuple[int, int]] | None:
         """(attention, MLP) token counts per layer if known without running, else None."""
         return None
