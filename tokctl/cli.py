@@ -108,8 +108,9 @@ def _run_job_command(top: str, args: list[str]) -> None:
     except UserError as exc:
         _fail(str(exc))
     except JobCrashed as exc:
-        err_console.print(f"[bold red]error:[/] {exc} (traceback in {exc.path / 'error.txt'})",
-                          soft_wrap=True)
+        where = exc.path / "error.txt"
+        err_console.print(f"[bold red]error:[/] {exc}"
+                          + (f" (traceback in {where})" if where.exists() else ""), soft_wrap=True)
         console.print(str(exc.path), soft_wrap=True)
         raise typer.Exit(1)
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from tokctl.errors import UserError
 
@@ -41,6 +41,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide runs from a shared group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -52,6 +53,15 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -278,25 +288,33 @@ class Run:
         return self.path / name
 
     def append_sample(self, row: dict[str, Any]) -> None:
-        """One line per sample, written whole and flushed to disk at once. SIGINT/SIGTERM wait
-        for the line; a failed write (a full disk) is cut back, so the file never holds half a
-        line."""
+        """Append one line to samples.jsonl and flush it to disk, all or nothing: when this
+        raises, the file is as it was, so a job's own count of samples always matches the file.
+
+        SIGINT/SIGTERM cannot cut the write in two: one that arrives meanwhile undoes the line
+        and interrupts (as if it had come just before); so does a failed write (a full disk).
+        """
         if self._samples is None:
             self._samples = os.open(self.path / "samples.jsonl",
                                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         line = (to_json(row, indent=None) + "\n").encode("utf-8")
-        with _signals_deferred():
-            start = os.lseek(self._samples, 0, os.SEEK_END)
+        fd = self._samples
+        start = os.lseek(fd, 0, os.SEEK_END)
+
+        def undo() -> None:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+
+        with _signals_deferred(undo=undo):
             try:
                 view = memoryview(line)
                 while view:
-                    view = view[os.write(self._samples, view):]
-                os.fsync(self._samples)
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
             except BaseException:
-                try:
-                    os.ftruncate(self._samples, start)
-                except OSError:
-                    pass
+                undo()
                 raise
 
     def write_json(self, name: str, obj: Any) -> None:
@@ -361,23 +379,28 @@ def _signal_name(signum: int) -> str:
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while a sample line is written; act on them right after."""
+def _signals_deferred(undo: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the block runs; one that arrived meanwhile interrupts right
+    after it, once ``undo`` (if given) has taken back what the block did."""
     _state.deferring += 1
     try:
         yield
     except BaseException as exc:
         _state.deferring -= 1
         if _state.deferring == 0 and _state.deferred is not None:
-            signum, _state.deferred = _state.deferred, None
-            _state.received = signum
-            raise Interrupted(_signal_name(signum)) from exc
+            raise _take_deferred() from exc
         raise
     _state.deferring -= 1
     if _state.deferring == 0 and _state.deferred is not None:
-        signum, _state.deferred = _state.deferred, None
-        _state.received = signum
-        raise Interrupted(_signal_name(signum))
+        if undo is not None:
+            undo()
+        raise _take_deferred()
+
+
+def _take_deferred() -> Interrupted:
+    signum, _state.deferred = _state.deferred, None
+    _state.received = signum
+    return Interrupted(_signal_name(signum))
 
 
 @contextmanager
