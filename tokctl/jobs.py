@@ -52,6 +52,9 @@ JOBS: dict[str, Job] = {
             "Train the embedded default ViT (Fashion-MNIST, 197 tokens) from scratch.",
             ("tokctl compress-vit train", "tokctl compress-vit train train.epochs=0.1",
              "tokctl compress-vit train resume=runs/compress-vit-train/DATE/TIME_fashion-vit")),
+        Job("compress-vit train-tsm", "compress_vit", "train_tsm", "tokctl.vit.train_tsm:run",
+            "Train SiT's token slimming modules on the default ViT by distillation from it.",
+            ("tokctl compress-vit train-tsm", "tokctl compress-vit train-tsm method.keep_ratio=0.7")),
         Job("tokenize-image", "tokenize_image", "tokenize_image", None,
             "1D and 2D discrete image tokenizers: train, encode, decode, evaluate."),
     ]
