@@ -164,15 +164,37 @@ def runs_show(run: Path = typer.Argument(..., help="A run folder."),
 
 
 @runs_app.command("compare")
-def runs_compare(runs: List[Path] = typer.Argument(..., help="Run folders (or folders of runs)."),
-                 metric: Optional[List[str]] = typer.Option(None, "--metric", "-k",
-                                                            help="Metric(s) to show/rank by."),
+def runs_compare(runs: List[Path] = typer.Argument(..., help="Run folders, sweep folders, or "
+                                                             "folders of runs."),
+                 metric: Optional[List[str]] = typer.Option(
+                     None, "--metric", "-k", help="Metric(s) to show; the first ranks the runs. "
+                                                  "Nested ones with dots: per_category.code.speedup."),
+                 ascending: Optional[bool] = typer.Option(
+                     None, "--ascending/--descending",
+                     help="Rank lowest/highest first (default: by metric, e.g. gflops lowest)."),
                  as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Runs side by side: the config keys that differ, and their metrics."""
+    """Runs of one command ranked in a table: the config keys that differ, and their metrics."""
     from tokctl import report
 
     try:
-        report.runs_compare(runs, metrics=metric, as_json=as_json)
+        report.runs_compare(runs, metrics=metric, as_json=as_json, ascending=ascending)
+    except UserError as exc:
+        _fail(str(exc))
+
+
+@app.command("report")
+def report_command(paths: List[Path] = typer.Argument(..., help="Sweep folders, run folders, "
+                                                                "or folders of runs."),
+                   out: Path = typer.Option(Path("report"), "--out", "-o",
+                                            help="Folder for the PNGs and report.md."),
+                   as_json: bool = typer.Option(False, "--json",
+                                                help="Print what was written as JSON.")) -> None:
+    """Plots and a markdown summary of runs: speedup per category per method (decode), accuracy
+    against throughput and FLOPs (compress-vit), rate-distortion (tokenize-image)."""
+    from tokctl import report
+
+    try:
+        report.write_report(paths, out, as_json=as_json)
     except UserError as exc:
         _fail(str(exc))
 

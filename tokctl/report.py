@@ -1,7 +1,12 @@
-"""Reading run folders back: `tokctl runs ls | show | compare`. Only the run files are read."""
+"""Reading run folders back: `tokctl runs ls | show | compare` and `tokctl report`.
+
+Only the files of the run folders are read (config.yaml, env.json, status, metrics.json,
+samples.jsonl), so a report can be made anywhere the folders are copied to.
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -10,11 +15,24 @@ from rich.table import Table
 
 from tokctl.console import console
 from tokctl.errors import UserError
-from tokctl.runs import find_runs, is_run_dir, read_json, read_samples, read_status
+from tokctl.runs import (atomic_write_text, find_runs, is_run_dir, read_json, read_samples,
+                         read_status)
 
-# Metrics shown first when present, per command; any other scalar metric follows.
+# Metrics shown first when present; any other scalar metric follows.
 HEADLINE = ("speedup", "tokens_per_s", "baseline_tokens_per_s", "mean_accepted_tokens",
             "identical_to_baseline", "top1", "agreement", "images_per_s", "gflops", "ssim", "psnr")
+# Ranking puts the largest first, except for these.
+LOWER_IS_BETTER = ("gflops", "flops_ratio", "time_s", "baseline_time_s", "kl", "rfid", "loss",
+                   "val_loss", "bytes_per_image", "failed_samples", "num_skipped")
+# Config keys that differ between runs without making them different experiments.
+NOT_A_SETTING = ("name", "runs_dir")
+# The columns of a command's table in the report's summary.
+REPORT_COLUMNS = {
+    "decode": ("speedup", "speedup_median", "tokens_per_s", "baseline_tokens_per_s",
+               "mean_accepted_tokens", "identical_to_baseline", "num_samples"),
+    "compress-vit": ("top1", "baseline_top1", "agreement", "speedup", "images_per_s", "gflops",
+                     "flops_ratio"),
+}
 
 
 def load_config(run: Path) -> dict[str, Any]:
@@ -28,7 +46,12 @@ def load_config(run: Path) -> dict[str, Any]:
 
 def command_of(run: Path) -> str:
     env = read_json(run / "env.json") or {}
-    return env.get("command") or run.parent.parent.name
+    if env.get("command"):
+        return env["command"]
+    from tokctl.jobs import JOBS
+
+    folders = {job.run_folder_name: job.command for job in JOBS.values()}
+    return next((folders[p] for p in reversed(run.parts) if p in folders), run.parent.parent.name)
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -58,6 +81,8 @@ def fmt(v: Any) -> str:
         if abs(v) >= 1000 or abs(v) < 0.01:
             return f"{v:.3g}"
         return f"{v:.3f}".rstrip("0").rstrip(".")
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
     return str(v)
 
 
@@ -70,7 +95,7 @@ def _runs_from(paths: Iterable[Path]) -> list[Path]:
         found = find_runs(p)
         if not found:
             raise UserError(f"{p} holds no run folder (no status and config.yaml inside)")
-        runs.extend(found)
+        runs.extend(r for r in found if r not in runs)
     return runs
 
 
@@ -85,13 +110,24 @@ def run_summary(run: Path) -> dict[str, Any]:
     }
 
 
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def status_markup(status: str | None) -> str:
+    colour = {"completed": "green", "running": "cyan", "failed": "red",
+              "interrupted": "yellow"}.get(status or "", "white")
+    return f"[{colour}]{status or '?'}[/]"
+
+
+# ---------------------------------------------------------------------------- runs ls / show
 def runs_ls(root: Path, command: str | None = None, limit: int = 30, as_json: bool = False) -> None:
     if not Path(root).exists():
         raise UserError(f"no runs folder at {root}; run a job first or pass the folder to search")
     runs = [r for r in find_runs(root) if command is None or command_of(r) == command][:limit]
     rows = [run_summary(r) for r in runs]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        _print_json(rows)
         return
     table = Table(title=f"runs under {root}", show_lines=False)
     for col in ("run", "command", "status", "samples", "headline"):
@@ -104,12 +140,6 @@ def runs_ls(root: Path, command: str | None = None, limit: int = 30, as_json: bo
     console.print(table)
 
 
-def status_markup(status: str | None) -> str:
-    colour = {"completed": "green", "running": "cyan", "failed": "red",
-              "interrupted": "yellow"}.get(status or "", "white")
-    return f"[{colour}]{status or '?'}[/]"
-
-
 def runs_show(run: Path, as_json: bool = False) -> None:
     run = Path(run)
     if not is_run_dir(run):
@@ -118,8 +148,8 @@ def runs_show(run: Path, as_json: bool = False) -> None:
     env = read_json(run / "env.json") or {}
     error = (run / "error.txt").read_text() if (run / "error.txt").exists() else None
     if as_json:
-        print(json.dumps({**run_summary(run), "metrics": metrics, "env": env,
-                          "config": load_config(run), "error": error}, indent=2))
+        _print_json({**run_summary(run), "metrics": metrics, "env": env,
+                     "config": load_config(run), "error": error})
         return
     console.print(f"[bold]{run}[/]  {status_markup(read_status(run))}  "
                   f"{len(read_samples(run))} samples")
@@ -132,7 +162,7 @@ def runs_show(run: Path, as_json: bool = False) -> None:
     console.print(table)
     table = Table(title="metrics", show_header=False)
     table.add_column("metric", style="cyan")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")
     for k, v in flatten(metrics).items():
         table.add_row(k, fmt(v))
     console.print(table)
@@ -142,59 +172,200 @@ def runs_show(run: Path, as_json: bool = False) -> None:
         console.print(f"[red]error:[/] {error.strip().splitlines()[-1]}")
 
 
+# ------------------------------------------------------------------------------ runs compare
 def varying_keys(configs: list[dict[str, Any]]) -> list[str]:
     keys: list[str] = []
     for cfg in configs:
         for k in cfg:
             if k not in keys:
                 keys.append(k)
-    return [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+    return [k for k in keys if k not in NOT_A_SETTING and not k.endswith("_target_")
+            and len({json.dumps(c.get(k), default=str, sort_keys=True) for c in configs}) > 1]
 
 
-def runs_compare(paths: list[Path], metrics: list[str] | None = None, as_json: bool = False) -> None:
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def rank(rows: list[tuple[dict, dict, dict]], metric: str, ascending: bool | None = None):
+    """Rows (summary, config, flat metrics) best first by ``metric``; runs without it last."""
+    if ascending is None:
+        ascending = metric.split(".")[-1] in LOWER_IS_BETTER
+    sign = 1.0 if ascending else -1.0
+    return sorted(rows, key=lambda row: (_num(row[2].get(metric)) is None,
+                                         sign * (_num(row[2].get(metric)) or 0.0)))
+
+
+def runs_compare(paths: list[Path], metrics: list[str] | None = None, as_json: bool = False,
+                 ascending: bool | None = None) -> None:
     runs = _runs_from(paths)
-    configs = [flatten(load_config(r)) for r in runs]
     summaries = [run_summary(r) for r in runs]
     commands = {s["command"] for s in summaries}
     if len(commands) > 1:
         raise UserError(f"these runs come from different commands ({', '.join(sorted(commands))}); "
                         f"compare runs of one command at a time")
-    varying = [k for k in varying_keys(configs) if k not in ("name",)]
+    configs = [flatten(load_config(r)) for r in runs]
+    flat_metrics = [flatten(read_json(r / "metrics.json") or {}) for r in runs]
+    varying = varying_keys(configs)
     if metrics:
         shown = list(metrics)
-        missing = [m for m in shown if not any(m in s["metrics"] for s in summaries)]
+        missing = [m for m in shown if not any(m in fm for fm in flat_metrics)]
         if missing:
             raise UserError(f"no run has metric(s) {', '.join(missing)}; "
                             f"see `tokctl runs show RUN` for the metrics a run has")
     else:
         present = {k for s in summaries for k in s["metrics"]}
-        shown = [k for k in HEADLINE if k in present] or sorted(present)[:6]
-    rank = shown[0] if shown else None
-    if rank:
-        summaries_cfgs = sorted(zip(summaries, configs),
-                                key=lambda sc: (sc[0]["metrics"].get(rank) is None,
-                                                -_num(sc[0]["metrics"].get(rank))))
-    else:
-        summaries_cfgs = list(zip(summaries, configs))
+        shown = ([k for k in HEADLINE if k in present] or sorted(present))[:4]
+    rows = list(zip(summaries, configs, flat_metrics))
+    by = shown[0] if shown else None
+    if by:
+        rows = rank(rows, by, ascending)
     if as_json:
-        print(json.dumps([{**s, "config": {k: c.get(k) for k in varying}} for s, c in summaries_cfgs],
-                         indent=2, default=str))
+        _print_json([{**s, "rank_by": by, "config": {k: c.get(k) for k in varying},
+                      "metrics": {m: fm.get(m) for m in shown}} for s, c, fm in rows])
         return
-    table = Table(title=f"{len(runs)} runs" + (f", ranked by {rank}" if rank else ""))
-    table.add_column("run", overflow="fold")
-    table.add_column("status")
-    for k in varying:
-        table.add_column(k, style="cyan", overflow="fold")
+    order = "" if not by else (" (lowest first)" if (ascending if ascending is not None else
+                                                      by.split(".")[-1] in LOWER_IS_BETTER)
+                               else " (highest first)")
+    table = Table(title=f"{len(runs)} runs of {next(iter(commands))}"
+                        + (f", ranked by {by}{order}" if by else ""))
+    table.add_column("#", justify="right")
+    table.add_column("run", no_wrap=True, overflow="ellipsis")
+    table.add_column("status", no_wrap=True)
+    for k in varying:  # values are never cut: headers fold instead
+        table.add_column(k, style="cyan", overflow="fold",
+                         min_width=min(24, max(len(fmt(c.get(k))) for _, c, _ in rows)))
     for m in shown:
-        table.add_column(m, justify="right")
-    for s, c in summaries_cfgs:
-        table.add_row(Path(s["path"]).name, status_markup(s["status"]),
-                      *[fmt(c.get(k)) for k in varying], *[fmt(s["metrics"].get(m)) for m in shown])
+        table.add_column(m, justify="right", overflow="fold",
+                         min_width=max(len(fmt(fm.get(m))) for _, _, fm in rows))
+    for i, (s, c, fm) in enumerate(rows, 1):
+        table.add_row(str(i), _short_path(Path(s["path"])), status_markup(s["status"]),
+                      *[fmt(c.get(k)) for k in varying], *[fmt(fm.get(m)) for m in shown])
     console.print(table)
 
 
-def _num(v: Any) -> float:
+def _short_path(run: Path) -> str:
+    """The folder name, with its sweep's when it is a sweep point (``10-02-03_sweep/3``)."""
+    return f"{run.parent.name}/{run.name}" if run.name.isdigit() else run.name
+
+
+# ------------------------------------------------------------------------------------ report
+def load_records(paths: list[Path]):
+    from tokctl.plots import RunRecord
+
+    records = [RunRecord(path=r, command=command_of(r), status=read_status(r),
+                         config=flatten(load_config(r)), metrics=read_json(r / "metrics.json") or {})
+               for r in _runs_from(paths)]
+    return sorted(records, key=lambda r: _path_order(r.path))
+
+
+def _path_order(run: Path) -> tuple:
+    """Sweep points in their grid's order (2 before 10), other runs by folder name (time)."""
+    return (str(run.parent), int(run.name) if run.name.isdigit() else -1, run.name)
+
+
+def label_runs(records) -> None:
+    """Name each run by the settings that set it apart (``tome, r=8``); the folder otherwise."""
+    keys = varying_keys([r.config for r in records])
+    keys.sort(key=lambda k: not (k.endswith(".name") or k == "method"))  # names first
+    last = [k.split(".")[-1] for k in keys]
+    counts: dict[str, int] = {}
+    for r in records:
+        parts = []
+        for k, short in zip(keys, last):
+            v = r.config.get(k)
+            if v is None:  # a setting this run's method does not have
+                continue
+            if k.endswith(".name") or k == "method":
+                parts.append(str(v))
+            else:
+                parts.append(f"{short if last.count(short) == 1 else k}={fmt(v)}")
+        label = ", ".join(parts) or _short_path(r.path)
+        counts[label] = counts.get(label, 0) + 1
+        r.label = label if counts[label] == 1 else f"{label} #{counts[label]}"
+
+
+def write_report(paths: list[Path], out: Path, as_json: bool = False) -> dict[str, Any]:
+    from tokctl.plots import PLOTTERS
+
+    records = load_records(paths)
+    out = Path(out)
     try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("-inf")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the report folder {out}: {exc.strerror or exc}") from None
+    by_command: dict[str, list] = {}
+    for r in records:
+        by_command.setdefault(r.command, []).append(r)
+    md = ["# tokctl report", "",
+          f"{len(records)} run(s) from {', '.join(f'`{p}`' for p in paths)}; written "
+          f"{_dt.datetime.now().isoformat(timespec='minutes')} by "
+          f"`tokctl report {' '.join(str(p) for p in paths)} --out {out}`.", ""]
+    written: list[dict[str, Any]] = []
+    for command, runs in sorted(by_command.items()):
+        done = [r for r in runs if r.status == "completed" and r.metrics]
+        label_runs(done)
+        md += [f"## {command}: {len(runs)} run(s)", ""]
+        plotter = PLOTTERS.get(command)
+        figures = plotter(done, out) if plotter and done else []
+        for f in figures:
+            md += [f"![{f.title}]({f.file})", "", f"**{f.title}.** {f.shows}", ""]
+            written.append({"command": command, "file": str(out / f.file), "title": f.title})
+        if not figures:
+            md += ["(no plot for this command" + ("" if done else ": no completed run") + ")", ""]
+        md += _summary_table(command, done)
+        others = [r for r in runs if r not in done]
+        if others:
+            md += ["Not plotted (not completed): " + ", ".join(
+                f"`{r.path}` ({r.status or 'no status'})" for r in others), ""]
+    md_path = out / "report.md"
+    atomic_write_text(md_path, "\n".join(md).rstrip() + "\n")
+    result = {"out": str(out), "markdown": str(md_path), "figures": written,
+              "runs": len(records), "commands": sorted(by_command)}
+    if as_json:
+        _print_json(result)
+    else:
+        for w in written:
+            console.print(f"[green]wrote[/] {w['file']}  [dim]{w['command']}: {w['title']}[/]",
+                          soft_wrap=True)
+        console.print(f"[green]wrote[/] {md_path}", soft_wrap=True)
+    return result
+
+
+def _summary_table(command: str, runs) -> list[str]:
+    if not runs:
+        return []
+    if runs[0].metrics.get("entries") and isinstance(runs[0].metrics["entries"], list):
+        return _entries_table(runs)
+    columns = [c for c in REPORT_COLUMNS.get(command, HEADLINE)
+               if any(c in r.metrics for r in runs)]
+    if not columns:
+        columns = sorted({k for r in runs for k in scalar_metrics(r.metrics)})[:6]
+    by = columns[0] if columns else None
+    rows = [(None, r, flatten(r.metrics)) for r in runs]
+    if by:
+        rows = rank(rows, by)
+    lines = ["| run | " + " | ".join(columns) + " | folder |",
+             "|---|" + "---:|" * len(columns) + "---|"]
+    for _, r, fm in rows:
+        lines.append(f"| {r.label} | " + " | ".join(fmt(fm.get(c)) for c in columns)
+                     + f" | `{_short_path(r.path)}` |")
+    return lines + [""]
+
+
+def _entries_table(runs) -> list[str]:
+    """tokenize-image eval: one row per codec and budget."""
+    lines = ["| run | codec | tokens | bytes/image | SSIM | PSNR (dB) | MS-SSIM | rFID |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        for e in sorted(r.metrics["entries"], key=lambda e: (e.get("bytes_per_image") or 0,
+                                                             str(e.get("codec")))):
+            lines.append(f"| {r.label} | {e.get('codec')} | {fmt(e.get('tokens'))} | "
+                         f"{fmt(e.get('bytes_per_image'))} | {fmt(e.get('ssim'))} | "
+                         f"{fmt(e.get('psnr'))} | {fmt(e.get('ms_ssim'))} | {fmt(e.get('rfid'))} |")
+    return lines + [""]

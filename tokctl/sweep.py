@@ -703,8 +703,9 @@ def _print_summary(sweep_dir: Path, summary: dict[str, Any], spec_keys, invocati
     table.add_column("#", justify="right")
     table.add_column("point", overflow="fold")
     table.add_column("status", no_wrap=True)
-    for m in metric_names:
-        table.add_column(m, justify="right")
+    for m in metric_names:  # values are never cut: headers fold instead
+        table.add_column(m, justify="right", overflow="fold",
+                         min_width=max(len(fmt(r["metrics"].get(m))) for r in rows))
     launched = set(invocation.get("launched", []))
     for r in rows:
         status = status_markup(r["status"]) + ("" if r["num"] in launched else " [dim](earlier)[/]")
