@@ -41,7 +41,7 @@ class ImageSource:
     loader: Any  # callable(index) -> uint8 tensor (C, H, W)
     has_labels: bool
     notes: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why, each bad image once
 
     def __len__(self) -> int:
         return len(self.names)
@@ -53,7 +53,7 @@ class ImageSource:
                 try:
                     images.append(self.loader(i))
                 except Exception as exc:  # noqa: BLE001 - a bad file is skipped and named
-                    self.skipped.append((self.names[i], one_line_error(exc)))
+                    self.skipped.setdefault(self.names[i], one_line_error(exc))
                     continue
                 labels.append(self.labels[i])
                 names.append(self.names[i])

@@ -236,9 +236,9 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
             advance(1, info=f"speedup {totals['tb'] / max(totals['t'], 1e-12):.2f}x agree "
                             f"{totals['agree'] / totals['n']:.3f}")
     if totals["n"] == 0:
-        raise UserError(f"none of the {len(evaluated)} images could be decoded "
-                        f"(first: {source.skipped[0][0]}: {source.skipped[0][1]})" if source.skipped
-                        else "no images were evaluated")
+        first = next(iter(source.skipped.items()), None)
+        raise UserError(f"none of the {len(evaluated)} images could be decoded (first: {first[0]}: {first[1]})"
+                        if first else "no images were evaluated")
     fidelity = _fidelity_and_figure(cfg, run, patch, info, cinfo, source, evaluated, baseline,
                                     forward_comp, capture_base, capture_comp)
     capture_base.close()
@@ -265,11 +265,11 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
         "tokens_per_layer": tokens_attn, "tokens_per_layer_mlp": tokens_mlp,
         "final_tokens": tokens_mlp[-1] if tokens_mlp else None,
         "batch_size": int(cfg.batch_size), "timed_batches": len(ratios), "warmup_batches": int(cfg.warmup),
-        "num_skipped": len(source.skipped), "skipped": [f"{n}: {why}" for n, why in source.skipped[:50]],
+        "num_skipped": len(source.skipped), "skipped": [f"{n}: {why}" for n, why in list(source.skipped.items())[:50]],
         "data": source.description, "method_config": method.describe(), **fidelity, **search_info,
     }
     if source.skipped:
-        run.write_text("skipped.txt", "".join(f"{n}\t{why}\n" for n, why in source.skipped))
+        run.write_text("skipped.txt", "".join(f"{n}\t{why}\n" for n, why in source.skipped.items()))
         console.print(f"[yellow]skipped {len(source.skipped)} image(s) that did not decode[/] "
                       f"(listed in {run.file('skipped.txt')})")
     top = (f"top-1 {metrics['top1']:.4f} (baseline {metrics['baseline_top1']:.4f}), "

@@ -140,7 +140,7 @@ def run(cfg, run) -> dict:
                 step += 1
                 seen += len(idx)
                 for k, v in (("loss", loss), ("ce", ce), ("logits", kl), ("token", token)):
-                    sums[k] += float(v)
+                    sums[k] += float(v.detach())
                 sums["n"] += 1
                 if step % tc.log_every == 0 or step == total:
                     row = {"step": step, "lr": lr, **{k: sums[k] / sums["n"] for k in ("loss", "ce", "logits", "token")},

@@ -1,0 +1,70 @@
+"""The compress-vit job in-process on a tiny random ViT: metrics, run files, bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tokctl.errors import UserError
+from tokctl.jobs import JOBS, run_single
+
+TINY = ["model=vit_b16_random", "model.hidden_size=32", "model.num_hidden_layers=3",
+        "model.num_attention_heads=2", "model.intermediate_size=64", "model.image_size=32",
+        "model.patch_size=4", "model.num_labels=5", "threads=1", "batch_size=4", "warmup=1",
+        "fidelity_images=4", "vis.images=2"]
+
+
+def _folder(tmp_path, n=6, broken=True):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+    if broken:
+        (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    return tmp_path
+
+
+def _run(tmp_path, *overrides):
+    status, path = run_single(JOBS["compress-vit"], TINY + [f"hydra.run.dir={tmp_path / 'run'}", *overrides])
+    return status, path, json.loads((path / "metrics.json").read_text())
+
+
+def test_tome_on_an_image_folder(tmp_path):
+    images = _folder(tmp_path / "imgs")
+    status, path, m = _run(tmp_path, "method=tome", "method.r=4", "data=folder", f"data.path={images}")
+    assert status == "completed"
+    for key in ("images_per_s", "baseline_images_per_s", "speedup", "gflops", "baseline_gflops", "top1",
+                "baseline_top1", "agreement", "kl", "tokens_per_layer", "patch_feature_cosine"):
+        assert key in m
+    assert m["top1"] is None and m["baseline_top1"] is None  # unlabelled folder
+    assert m["num_images"] == 6 and m["num_skipped"] == 1 and m["skipped"][0].startswith("bad.png")
+    assert m["tokens_per_layer"] == [65, 61, 57] and m["gflops"] < m["baseline_gflops"]
+    assert (path / "merges.png").is_file() and (path / "skipped.txt").is_file()
+    assert len((path / "samples.jsonl").read_text().splitlines()) == 2  # one row per batch
+
+
+def test_diffrate_searches_on_held_out_images_and_saves_rates(tmp_path):
+    images = _folder(tmp_path / "imgs", n=10, broken=False)
+    status, path, m = _run(tmp_path, "method=diffrate", "method.search.steps=3", "method.search.batch_size=2",
+                           "calibration.images=4", "data=folder", f"data.path={images}")
+    assert m["num_images"] == 6  # the 4 calibration images are not evaluated
+    rates = json.loads((path / "diffrate_rates.json").read_text())
+    assert len(rates["prune_kept"]) == 3
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method=tome", "method.r=40", "data=synthetic", "data.num_images=2"], "too large"),
+    (["data=folder", "data.path=/nonexistent/folder"], "does not exist"),
+    (["batch_size=0", "data=synthetic"], "batch_size"),
+    (["method=cluster", "method.clusters=[20,20]", "data=synthetic", "data.num_images=2"], "finer"),
+])
+def test_bad_inputs_raise_one_line(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        _run(tmp_path, *overrides)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        _run(tmp_path, "data=folder", f"data.path={tmp_path / 'empty'}")
