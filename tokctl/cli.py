@@ -78,7 +78,24 @@ def describe(job: Job) -> str:
     return "\n".join(lines)
 
 
+# Actions that work on files rather than composing a Hydra config: "command action" ->
+# "module:function(argv) -> exit status" (the function parses its own options).
+FILE_ACTIONS = {
+    "tokenize-image encode": "tokctl.imagetok.codec:encode_main",
+    "tokenize-image decode": "tokctl.imagetok.codec:decode_main",
+}
+
+
+def _run_file_action(target: str, args: list[str]) -> None:
+    import importlib
+
+    module, _, name = target.partition(":")
+    raise typer.Exit(getattr(importlib.import_module(module), name)(args))
+
+
 def _run_job_command(top: str, args: list[str]) -> None:
+    if args and f"{top} {args[0]}" in FILE_ACTIONS:
+        _run_file_action(FILE_ACTIONS[f"{top} {args[0]}"], args[1:])
     jobs = _jobs_of(top)
     action = ""
     if args and args[0] in jobs and args[0] != "":
@@ -89,6 +106,7 @@ def _run_job_command(top: str, args: list[str]) -> None:
     if any(a in ("-h", "--help") for a in args):
         text = describe(job)
         others = [a for a in jobs if a and a != action]
+        others += [a.split(" ", 1)[1] for a in FILE_ACTIONS if a.startswith(top + " ")]
         if others and not action:
             text += "\n\n[bold]Actions[/]: " + ", ".join(f"tokctl {top} {a}" for a in others)
         console.print(text, soft_wrap=True)

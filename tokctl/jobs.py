@@ -55,8 +55,21 @@ JOBS: dict[str, Job] = {
         Job("compress-vit train-tsm", "compress_vit", "train_tsm", "tokctl.vit.train_tsm:run",
             "Train SiT's token slimming modules on the default ViT by distillation from it.",
             ("tokctl compress-vit train-tsm", "tokctl compress-vit train-tsm method.keep_ratio=0.7")),
-        Job("tokenize-image", "tokenize_image", "tokenize_image", None,
-            "1D and 2D discrete image tokenizers: train, encode, decode, evaluate."),
+        Job("tokenize-image", "tokenize_image", "eval", "tokctl.imagetok.evaluate:run",
+            "1D and 2D discrete image tokenizers: train, encode, decode, evaluate (default: eval "
+            "of the embedded tokenizer against JPEG and WebP).",
+            ("tokctl tokenize-image eval", "tokctl tokenize-image eval data.path=photos/",
+             "tokctl tokenize-image train tokenizer=titok quantizer=vq train.steps=2000",
+             "tokctl tokenize-image encode a.png b.jpg --out tokens/ --tokens 32",
+             "tokctl tokenize-image decode tokens/*.tok --out decoded/")),
+        Job("tokenize-image eval", "tokenize_image", "eval", "tokctl.imagetok.evaluate:run",
+            "Rate-distortion of a tokenizer against JPEG and WebP at the same byte budgets.",
+            ("tokctl tokenize-image eval", "tokctl tokenize-image eval data.path=photos/",
+             "tokctl tokenize-image eval tokenizer_path=runs/tokenize-image-train/.../tokenizer.pt")),
+        Job("tokenize-image train", "tokenize_image", "train", "tokctl.imagetok.train:run",
+            "Train an image tokenizer on random crops of photos (resumable).",
+            ("tokctl tokenize-image train", "tokctl tokenize-image train tokenizer=vq2d quantizer=vq",
+             "tokctl tokenize-image train resume=runs/tokenize-image-train/DATE/TIME_onedpiece-fsq")),
     ]
 }
 

@@ -1,0 +1,62 @@
+"""Tiny tokenizers and images shared by the tokenize-image tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokctl.imagetok.checkpoint import build_tokenizer, save_tokenizer
+
+TINY = {"image_size": 32, "patch_size": 8, "width": 32, "heads": 2, "encoder_layers": 1,
+        "decoder_layers": 1, "stem": "conv", "conv_channels": [8, 8, 8]}
+QUANTIZERS = {
+    "fsq": {"_target_": "tokctl.imagetok.quantizers.FSQ", "name": "fsq", "levels": [4, 4, 4]},
+    "vq": {"_target_": "tokctl.imagetok.quantizers.VectorQuantizer", "name": "vq",
+           "codebook_size": 32, "dim": 6},
+    "rvq": {"_target_": "tokctl.imagetok.quantizers.ResidualVQ", "name": "rvq",
+            "codebook_size": 16, "dim": 6, "depth": 2},
+}
+TARGETS = {"titok": "TiTok", "onedpiece": "OneDPiece", "flexnested": "FlexNested", "vq2d": "VQ2D"}
+
+
+def tiny_config(kind: str = "onedpiece", quantizer: str = "fsq", **over) -> dict:
+    cfg = {"_target_": f"tokctl.imagetok.models.{TARGETS[kind]}", "name": kind, **TINY}
+    if kind != "vq2d":
+        cfg["num_latents"] = 6
+    cfg.update(over)
+    cfg["quantizer"] = dict(QUANTIZERS[quantizer])
+    return cfg
+
+
+def make_tiny(kind: str = "onedpiece", quantizer: str = "fsq", seed: int = 0, **over):
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind, quantizer, **over)
+    return build_tokenizer(cfg).eval(), cfg
+
+
+@pytest.fixture
+def tiny_tokenizer_file(tmp_path):
+    """A saved tiny onedpiece tokenizer (.pt) and its config."""
+    model, cfg = make_tiny("onedpiece", "fsq")
+    path = tmp_path / "tiny.pt"
+    save_tokenizer(path, model, cfg, {"steps": 0})
+    return path, cfg
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(0)
+    # smooth random images (a random field upsampled), more image-like than white noise
+    base = torch.rand(5, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(base, size=(32, 32), mode="bilinear",
+                                           align_corners=False).clamp(0, 1)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids the stalls of two threads
+    fighting another busy process."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

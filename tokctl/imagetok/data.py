@@ -1,0 +1,188 @@
+"""Photos for training and evaluation.
+
+Training reads every image under the configured folders (by default the photographic wallpapers
+that Debian's desktop packages install, see scripts/setup.sh) and draws random square crops at
+random scales, resized to the tokenizer's size, with horizontal flips: a crop of a whole photo
+looks like a thumbnail, a small crop like a detail, and both are what 64x64 images are.
+
+Evaluation uses whole photos, centre-cropped to a square and resized: a folder of images, or by
+default the photos bundled with scikit-image and matplotlib, none of which is in the training
+folders (they are the held-out set).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokctl.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"}
+# Files in the wallpaper packages that are not photographs of anything (previews, logos).
+SKIP_NAMES = ("screenshot", "logo", "symbolic")
+
+# Held-out photos bundled with scikit-image (and matplotlib's Grace Hopper): never trained on.
+HELD_OUT = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
+            "immunohistochemistry", "stereo_motorcycle", "grace_hopper", "camera", "coins",
+            "clock", "moon", "brick", "grass", "gravel")
+
+
+def image_files(folder: Path | str) -> list[Path]:
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+             and not any(s in p.name.lower() for s in SKIP_NAMES)]
+    return sorted(_one_size_each(files))
+
+
+def _one_size_each(files: list[Path]) -> list[Path]:
+    """Wallpaper packages ship one picture at many sizes (``1920x1080.jpg``, ``640x480.jpg`` in
+    one folder): keep the largest, so no picture counts ten times."""
+    sized: dict[Path, tuple[int, Path]] = {}
+    out = []
+    for f in files:
+        m = re.fullmatch(r"(\d+)x(\d+)", f.stem)
+        if m is None:
+            out.append(f)
+            continue
+        area = int(m.group(1)) * int(m.group(2))
+        if f.parent not in sized or area > sized[f.parent][0]:
+            sized[f.parent] = (area, f)
+    return out + [f for _, f in sized.values()]
+
+
+def open_rgb(path: Path | str) -> Image.Image:
+    """An RGB PIL image, or UserError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{path}: cannot be opened as an image ({exc})") from None
+
+
+def square_thumbnail(im: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square, then resize with a proper low-pass (Lanczos)."""
+    w, h = im.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return im.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    arr = (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr, "RGB")
+
+
+# ------------------------------------------------------------------------------------ training
+class CropSampler:
+    """Random square crops (side log-uniform between ``size`` and the photo's short side), resized
+    to ``size``, flipped left-right half the time. Photos are kept in memory at most
+    ``max_side`` pixels on their short side."""
+
+    def __init__(self, folders: list[str], size: int, max_side: int = 384, seed: int = 0,
+                 min_photos: int = 1, photos: list[Image.Image] | None = None):
+        self.size = size
+        self.rng = random.Random(seed)
+        if photos is not None:  # another sampler's photos, drawn with another seed
+            self.photos, self.files = photos, []
+            return
+        files = [f for folder in folders for f in image_files(folder)]
+        self.photos: list[Image.Image] = []
+        for f in files:
+            try:
+                im = open_rgb(f)
+            except UserError:
+                continue
+            short = min(im.size)
+            if short < size:
+                continue
+            if short > max_side:
+                scale = max_side / short
+                im = im.resize((max(size, round(im.size[0] * scale)),
+                                max(size, round(im.size[1] * scale))), Image.LANCZOS)
+            self.photos.append(im)
+        if len(self.photos) < min_photos:
+            raise UserError(f"found {len(self.photos)} usable photos (at least {size}px) under "
+                            f"{', '.join(map(str, folders))}; point data.folders at image folders "
+                            f"(scripts/setup.sh installs the default wallpaper photos)")
+        self.files = files
+
+    def sample(self) -> Image.Image:
+        im = self.photos[self.rng.randrange(len(self.photos))]
+        w, h = im.size
+        short = min(w, h)
+        side = int(round(self.size * (short / self.size) ** self.rng.random()))
+        left, top = self.rng.randint(0, w - side), self.rng.randint(0, h - side)
+        crop = im.crop((left, top, left + side, top + side))
+        crop = crop.resize((self.size, self.size), Image.BILINEAR if side < 2 * self.size
+                           else Image.BOX if side > 4 * self.size else Image.LANCZOS)
+        if self.rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        return crop
+
+    def batch(self, n: int) -> torch.Tensor:
+        return torch.stack([to_tensor(self.sample()) for _ in range(n)])
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def held_out_photos() -> list[tuple[str, Image.Image]]:
+    """The bundled held-out photos, as (name, RGB image)."""
+    try:
+        import skimage.data as sk
+    except ImportError as exc:
+        raise UserError("the default evaluation photos come with scikit-image: "
+                        "pip install scikit-image (or give data.path=FOLDER)") from exc
+    out = []
+    for name in HELD_OUT:
+        try:
+            if name == "grace_hopper":
+                from matplotlib import cbook
+
+                with cbook.get_sample_data("grace_hopper.jpg") as f:
+                    im = Image.open(f).convert("RGB")
+            else:
+                arr = getattr(sk, name)()
+                if name == "stereo_motorcycle":
+                    arr = arr[0]
+                im = Image.fromarray(np.asarray(arr)).convert("RGB")
+        except Exception:  # noqa: BLE001 - a photo scikit-image would have to download
+            continue
+        out.append((name, im))
+    return out
+
+
+def eval_images(path: str | None, size: int, limit: int | None = None
+                ) -> tuple[list[str], torch.Tensor]:
+    """Names and a (N, 3, size, size) tensor of whole photos (centre square, resized)."""
+    if path:
+        files = image_files(path)
+        if not files:
+            raise UserError(f"data.path={path}: no images found (looked for "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+        pairs = []
+        for f in files:
+            pairs.append((str(f), open_rgb(f)))
+    else:
+        pairs = held_out_photos()
+    pairs = pairs[:limit] if limit else pairs
+    names = [n for n, _ in pairs]
+    return names, torch.stack([to_tensor(square_thumbnail(im, size)) for _, im in pairs])

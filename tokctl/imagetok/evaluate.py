@@ -1,0 +1,237 @@
+"""`tokctl tokenize-image eval`: rate-distortion of tokenizers against JPEG and WebP.
+
+For each tokenizer and token budget (8, 16, 32, ... up to its maximum for a variable-length
+tokenizer; its one length otherwise) every image goes through the real token file (written,
+read back, decoded), so the bytes counted are the file's exact size. JPEG and WebP are swept
+over their quality range and rate-controlled to the same byte budgets. Per codec and budget:
+bytes per image, PSNR, SSIM, MS-SSIM and rFID, in metrics.json and a rate-distortion PNG.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from tokctl.console import console, progress_bar
+from tokctl.errors import UserError
+from tokctl.imagetok import baselines, fid, tokfile
+from tokctl.imagetok.checkpoint import load_tokenizer
+from tokctl.imagetok.codec import decode_files, encode_images
+from tokctl.imagetok.data import eval_images, to_image, to_tensor
+from tokctl.imagetok.losses import ms_ssim_per_image, psnr_per_image, ssim_per_image
+from tokctl.runs import Run
+
+
+def token_budgets(model, budgets) -> list[int]:
+    if budgets:
+        bad = [b for b in budgets if not 1 <= int(b) <= model.max_tokens]
+        if bad:
+            raise UserError(f"budgets {bad}: this tokenizer makes 1 to {model.max_tokens} tokens")
+        if not model.variable_length and any(int(b) != model.max_tokens for b in budgets):
+            raise UserError(f"{model.name} is fixed-length ({model.max_tokens} tokens): "
+                            f"leave budgets unset")
+        return sorted({int(b) for b in budgets})
+    if not model.variable_length:
+        return [model.max_tokens]
+    out, n = [], 8
+    while n < model.max_tokens:
+        out.append(n)
+        n *= 2
+    return out + [model.max_tokens]
+
+
+def quality(recon: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"psnr": psnr_per_image(recon, images), "ssim": ssim_per_image(recon, images),
+            "ms_ssim": ms_ssim_per_image(recon, images)}
+
+
+def _timed(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def run(cfg, run: Run) -> dict:
+    paths = [cfg.tokenizer_path] + list(cfg.get("compare_with") or [])
+    tokenizers = [load_tokenizer(p) for p in paths]
+    size = tokenizers[0].model.image_size
+    if any(t.model.image_size != size for t in tokenizers):
+        raise UserError("compare_with: every tokenizer must work at the same image size")
+    names, images = eval_images(cfg.data.path, size, cfg.data.get("limit"))
+    n_img = len(names)
+    if n_img == 0:
+        raise UserError("no evaluation images")
+    # the originals as 8-bit pixels, as every codec sees them
+    images = torch.stack([to_tensor(to_image(x)) for x in images])
+    run.update_env(eval_images=n_img, image_size=size, eval_names=names)
+    entries, speed, tokenizer_info, curves = [], {}, [], {}
+    want_rfid = bool(cfg.rfid)
+    ref_feats = fid.features(images) if want_rfid else None
+    repeats = int(cfg.speed_repeats)
+    labels: list[str] = []
+
+    def record(codec: str, recon: torch.Tensor, sizes: list[int], extra: dict) -> dict:
+        q = quality(recon, images)
+        for i in range(n_img):
+            run.append_sample({"codec": codec, **extra, "image": names[i], "bytes": sizes[i],
+                               **{k: float(v[i]) for k, v in q.items()}})
+        entry = {"codec": codec, **extra, "bytes_per_image": float(np.mean(sizes)),
+                 **{k: float(v.mean()) for k, v in q.items()}}
+        entry["rfid"] = fid.frechet_distance(ref_feats, fid.features(recon)) if want_rfid else None
+        entries.append(entry)
+        return entry
+
+    total = sum(len(token_budgets(t.model, cfg.budgets if i == 0 else None))
+                for i, t in enumerate(tokenizers))
+    with progress_bar("tokenizers", total) as advance:
+        for i, tok in enumerate(tokenizers):
+            label = tok.name if tok.name not in labels else f"{tok.name}-{i}"
+            labels.append(label)
+            model = tok.model
+            budgets = token_budgets(model, cfg.budgets if i == 0 else None)
+            pil = [to_image(x) for x in images]
+            model.quantizer.reset_usage()
+            enc_s, files_full = _timed(lambda: encode_images(tok, pil, model.max_tokens), repeats)
+            usage = model.quantizer.usage()
+            tokens = [tokfile.loads(b, model.codebook_size, tok.hash).tokens for b in files_full]
+            for n in budgets:
+                blobs = [tokfile.dumps(tokfile.TokenFile(tokfile.KINDS.get(tok.name, 31), tok.hash,
+                                                         size, size, t[:n]), model.codebook_size)
+                         for t in tokens]
+                parsed = [tokfile.loads(b, model.codebook_size, tok.hash) for b in blobs]
+                dec_s, decoded = _timed(lambda: decode_files(tok, parsed), repeats)
+                recon = torch.stack([to_tensor(im) for im in decoded])
+                record(label, recon, [len(b) for b in blobs], {"tokens": n, "kind": "tokenizer"})
+                if n == model.max_tokens:
+                    speed[label] = {"encode_images_per_s": n_img / enc_s,
+                                    "decode_images_per_s": n_img / dec_s}
+                advance(1, info=f"{label} {n} tokens")
+            tokenizer_info.append({"label": label, "path": str(tok.path), "hash": f"{tok.hash:06x}",
+                                   "max_tokens": model.max_tokens,
+                                   "codebook_size": model.codebook_size,
+                                   "bits_per_token": tokfile.bits_for(model.codebook_size),
+                                   "variable_length": model.variable_length,
+                                   "parameters": sum(p.numel() for p in model.parameters()),
+                                   "trained": tok.trained, "codebook_usage": usage})
+
+    # JPEG and WebP: every quality once, then rate control to each tokenizer byte budget
+    budgets_bytes = sorted({round(e["bytes_per_image"]) for e in entries})
+    with progress_bar("jpeg/webp", 2 * len(budgets_bytes)) as advance:
+        for codec in baselines.CODECS:
+            sweep = baselines.sweep(images, codec)
+            curves[codec] = []
+            for qi, q in enumerate(baselines.CODECS[codec]["qualities"]):
+                recon = torch.stack([rows[qi][2] for rows in sweep])
+                qq = quality(recon, images)
+                curves[codec].append({"quality": q, "bytes_per_image":
+                                      float(np.mean([len(rows[qi][1]) for rows in sweep])),
+                                      **{k: float(v.mean()) for k, v in qq.items()}})
+            for budget in budgets_bytes:
+                qualities, sizes, recon, over = baselines.at_budget(sweep, budget)
+                record(codec, recon, sizes, {"bytes_target": budget, "over_budget": over,
+                                             "kind": "classical",
+                                             "quality_median": float(np.median(qualities))})
+                advance(1, info=f"{codec} {budget} B")
+            mid = [rows[len(rows) // 2] for rows in sweep]
+            enc_s, _ = _timed(lambda: [baselines.compress(to_image(x), codec, mid[0][0])
+                                       for x in images], repeats)
+            dec_s, _ = _timed(lambda: [baselines.decompress(r[1]) for r in mid], repeats)
+            speed[codec] = {"encode_images_per_s": n_img / enc_s,
+                            "decode_images_per_s": n_img / dec_s}
+
+    for e in entries:
+        if e["kind"] == "tokenizer":
+            e["bytes_target"] = round(e["bytes_per_image"])
+    best = best_by_budget(entries)
+    monotonic = {label: monotonic_in_tokens(entries, label) for label in labels}
+    plot_rate_distortion(run.file("rate_distortion.png"), entries, curves, labels)
+    print_table(entries, best)
+    return {"images": n_img, "image_size": size, "tokenizers": tokenizer_info,
+            "entries": entries, "best_by_budget": best, "monotonic_in_tokens": monotonic,
+            "speed": speed, "curves": curves, "threads": torch.get_num_threads(),
+            "notes": "bytes = exact file sizes; JPEG optimize=True, WebP method=6, rate-controlled "
+                     "per image to the budget (over_budget = images whose lowest quality is "
+                     "still larger, counted at their real size); MS-SSIM: 3 scales, window 7 "
+                     "(64x64 images); rFID on the eval images only (small-sample)"}
+
+
+def best_by_budget(entries: list[dict]) -> list[dict]:
+    """At each byte budget: the codec with the best SSIM and the best rFID among those within
+    the budget (a classical codec that could not reach it is not a candidate)."""
+    out = []
+    for budget in sorted({e["bytes_target"] for e in entries}):
+        cands = [e for e in entries if e["bytes_target"] == budget and not e.get("over_budget")]
+        if not cands:
+            continue
+        row = {"bytes_target": budget,
+               "best_ssim": max(cands, key=lambda e: e["ssim"])["codec"],
+               "best_ssim_value": max(e["ssim"] for e in cands)}
+        with_fid = [e for e in cands if e.get("rfid") is not None]
+        if with_fid:
+            b = min(with_fid, key=lambda e: e["rfid"])
+            row.update(best_rfid=b["codec"], best_rfid_value=b["rfid"])
+        row["candidates"] = sorted({e["codec"] for e in cands})
+        out.append(row)
+    return out
+
+
+def monotonic_in_tokens(entries: list[dict], label: str) -> dict:
+    rows = sorted((e for e in entries if e["codec"] == label), key=lambda e: e["tokens"])
+    out = {}
+    for key in ("ssim", "psnr", "ms_ssim"):
+        vals = [e[key] for e in rows]
+        out[key] = all(b >= a for a, b in zip(vals, vals[1:]))
+    return out
+
+
+def plot_rate_distortion(path, entries, curves, labels) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "ssim", "SSIM"), (axes[1], "psnr", "PSNR (dB)")):
+        for codec, pts in curves.items():
+            ax.plot([p["bytes_per_image"] for p in pts], [p[key] for p in pts], "--", alpha=0.6,
+                    label=f"{codec} (quality sweep)")
+        for label in labels:
+            rows = sorted((e for e in entries if e["codec"] == label), key=lambda e: e["tokens"])
+            ax.plot([e["bytes_per_image"] for e in rows], [e[key] for e in rows], "o-",
+                    label=f"{label} (tokens {rows[0]['tokens']}..{rows[-1]['tokens']})")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per image (exact file size)")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("rate-distortion on held-out photos")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    from tokctl.runs import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def print_table(entries, best) -> None:
+    from rich.table import Table
+
+    table = Table(title="rate-distortion (means over images)")
+    for col in ("codec", "tokens/q", "bytes", "PSNR", "SSIM", "MS-SSIM", "rFID"):
+        table.add_column(col, justify="right")
+    for e in sorted(entries, key=lambda e: (e["bytes_target"], e["codec"])):
+        tq = str(e.get("tokens", "")) or f"q~{e.get('quality_median', 0):g}"
+        over = f" ({e['over_budget']} over)" if e.get("over_budget") else ""
+        table.add_row(e["codec"], tq, f"{e['bytes_per_image']:.0f}{over}", f"{e['psnr']:.2f}",
+                      f"{e['ssim']:.3f}", f"{e['ms_ssim']:.3f}",
+                      "-" if e["rfid"] is None else f"{e['rfid']:.1f}")
+    console.print(table)

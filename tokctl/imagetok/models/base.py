@@ -1,0 +1,84 @@
+"""What every image tokenizer offers, whatever its shape (1D latents or a 2D grid).
+
+Images are float tensors (B, 3, S, S) in [0, 1] at the tokenizer's ``image_size``. Tokens are a
+flat stream per image, ``max_tokens`` long at most: ``depth`` ids per latent vector (1 except for
+residual VQ), latent by latent. Variable-length tokenizers decode any prefix of that stream.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokctl.imagetok.quantizers import Quantized, Quantizer
+
+
+class ImageTokenizer(nn.Module):
+    name: str = "tokenizer"
+    #: True when any prefix of the token stream decodes (trained with tail drop / nested dropout)
+    variable_length: bool = False
+
+    def __init__(self, image_size: int, quantizer: Quantizer, num_latents: int):
+        super().__init__()
+        self.image_size = int(image_size)
+        self.quantizer = quantizer
+        self.num_latents = int(num_latents)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.num_latents * self.quantizer.depth
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    # --- to implement --------------------------------------------------------------------------
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> (B, num_latents, quantizer.dim), before quantisation."""
+        raise NotImplementedError
+
+    def decode_latents(self, latents: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(B, num_latents, dim) quantised vectors, of which the first ``keep[b]`` are present,
+        -> (B, 3, S, S) images in [0, 1] (not clamped)."""
+        raise NotImplementedError
+
+    def training_keep(self, batch: int, device) -> torch.Tensor:
+        """How many latents each training sample keeps (all, unless the method drops some)."""
+        return torch.full((batch,), self.num_latents, dtype=torch.long, device=device)
+
+    # --- shared --------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, quantize: bool = True,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, Quantized | None]:
+        """Training pass: reconstruction and the quantiser's record. ``quantize=False`` is the
+        autoencoder warm-up (continuous latents)."""
+        z = self.encode_latents(images)
+        q = None
+        if quantize:
+            q = self.quantizer(z)
+            z = q.values
+        elif hasattr(self.quantizer, "relax"):
+            z = self.quantizer.relax(z)
+        if keep is None:
+            keep = self.training_keep(images.shape[0], images.device) if self.training else \
+                torch.full((images.shape[0],), self.num_latents, device=images.device)
+        return self.decode_latents(z, keep), q
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> (B, max_tokens) int64 token stream."""
+        q = self.quantizer(self.encode_latents(images))
+        return q.ids.reshape(images.shape[0], -1)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, n) token streams, n <= max_tokens (a prefix) -> (B, 3, S, S) images in [0, 1]."""
+        b, n = tokens.shape
+        if n > self.max_tokens:
+            raise ValueError(f"{n} tokens given; this tokenizer holds at most {self.max_tokens}")
+        depth = self.quantizer.depth
+        full = torch.full((b, self.max_tokens), -1, dtype=torch.long, device=tokens.device)
+        full[:, :n] = tokens
+        ids = full.view(b, self.num_latents, depth)
+        latents = self.quantizer.embed(ids)
+        keep = torch.full((b,), -(-n // depth), dtype=torch.long, device=tokens.device)
+        return self.decode_latents(latents, keep).clamp(0, 1)

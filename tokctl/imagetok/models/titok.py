@@ -1,0 +1,85 @@
+"""TiTok (Yu et al., 2024, "An Image is Worth 32 Tokens"): a 1D tokenizer.
+
+The encoder is a ViT over the image patches with K learnable latent tokens appended; only the
+latents' outputs are quantised. The decoder is a ViT over a grid of mask tokens plus the
+quantised latents; the grid's outputs are turned back into pixels.
+
+``stem="patch"`` is the paper's plain ViT (linear patch embedding, linear pixel head).
+``stem="conv"`` (the default here) puts a small convolutional stem and pixel decoder around the
+same 1D bottleneck: at CPU training budgets a pure ViT learns little more than each image's mean
+colour, while convolutions give it local texture for free.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokctl.imagetok.layers import ConvDecoder, ConvStem, PatchDecoder, PatchStem, Transformer
+from tokctl.imagetok.models.base import ImageTokenizer
+from tokctl.imagetok.quantizers import Quantizer
+
+
+class TiTok(ImageTokenizer):
+    name = "titok"
+
+    def __init__(self, quantizer: Quantizer, image_size: int = 64, patch_size: int = 8,
+                 num_latents: int = 32, width: int = 192, heads: int = 4, encoder_layers: int = 4,
+                 decoder_layers: int = 4, stem: str = "conv",
+                 conv_channels: tuple[int, ...] = (32, 64, 128)):
+        super().__init__(image_size, quantizer, num_latents)
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.grid = image_size // patch_size
+        n_patches = self.grid * self.grid
+        if stem == "conv":
+            if 2 ** len(conv_channels) != patch_size:
+                raise ValueError(f"a conv stem with {len(conv_channels)} stages halves the image "
+                                 f"{len(conv_channels)} times: patch_size must be "
+                                 f"{2 ** len(conv_channels)}")
+            self.stem = ConvStem(tuple(conv_channels), width)
+            self.pixels = ConvDecoder(tuple(conv_channels), width)
+        elif stem == "patch":
+            self.stem = PatchStem(patch_size, width)
+            self.pixels = PatchDecoder(patch_size, width)
+        else:
+            raise ValueError(f"stem must be 'conv' or 'patch', not {stem!r}")
+        scale = width ** -0.5
+        self.patch_pos = nn.Parameter(scale * torch.randn(1, n_patches, width))
+        self.latent_tokens = nn.Parameter(scale * torch.randn(1, num_latents, width))
+        self.encoder = Transformer(width, encoder_layers, heads)
+        self.to_code = nn.Linear(width, quantizer.dim)
+        self.from_code = nn.Linear(quantizer.dim, width)
+        self.latent_pos = nn.Parameter(scale * torch.randn(1, num_latents, width))
+        self.mask_token = nn.Parameter(scale * torch.randn(1, 1, width))
+        self.decoder_pos = nn.Parameter(scale * torch.randn(1, n_patches, width))
+        self.decoder = Transformer(width, decoder_layers, heads)
+
+    # encoder attention: hook for tokenizers that restrict what a latent may see (FlexTok)
+    def encoder_mask(self, device) -> torch.Tensor | None:
+        return None
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        b = images.shape[0]
+        patches = self.stem(images * 2 - 1).flatten(2).transpose(1, 2) + self.patch_pos
+        x = torch.cat([patches, self.latent_tokens.expand(b, -1, -1)], dim=1)
+        x = self.encoder(x, self.encoder_mask(images.device))
+        return self.to_code(x[:, -self.num_latents:])
+
+    def latent_inputs(self, latents: torch.Tensor, keep: torch.Tensor):
+        """Decoder inputs for the latents and a key mask (True = visible). Latents past ``keep``
+        are hidden from attention: the decoder sees exactly the kept prefix."""
+        x = self.from_code(latents) + self.latent_pos
+        visible = torch.arange(self.num_latents, device=latents.device)[None, :] < keep[:, None]
+        return x, visible
+
+    def decode_latents(self, latents: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b = latents.shape[0]
+        n_patches = self.grid * self.grid
+        lat, visible = self.latent_inputs(latents, keep)
+        grid = (self.mask_token + self.decoder_pos).expand(b, -1, -1)
+        x = torch.cat([grid, lat], dim=1)
+        keys = torch.cat([torch.ones(b, n_patches, dtype=torch.bool, device=x.device), visible], 1)
+        x = self.decoder(x, keys[:, None, None, :])
+        feats = x[:, :n_patches].transpose(1, 2).reshape(b, -1, self.grid, self.grid)
+        return (self.pixels(feats) + 1) / 2

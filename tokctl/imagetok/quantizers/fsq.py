@@ -1,0 +1,53 @@
+"""Finite scalar quantisation (Mentzer et al., 2023): each of a few dimensions is bounded and
+rounded to one of ``levels[i]`` values; the code id is the mixed-radix number of the rounded values.
+No codebook to learn, so no collapse: every id is reachable by construction."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tokctl.imagetok.quantizers.base import Quantized, Quantizer
+
+
+class FSQ(Quantizer):
+    def __init__(self, levels: tuple[int, ...] = (8, 8, 8, 8)):
+        super().__init__()
+        levels = [int(v) for v in levels]
+        if not levels or min(levels) < 2:
+            raise ValueError(f"FSQ levels must be integers >= 2, got {levels}")
+        self.levels_list = levels
+        self.dim = len(levels)
+        self.codebook_size = int(math.prod(levels))
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.float32), persistent=False)
+        basis = [math.prod(levels[:i]) for i in range(len(levels))]
+        self.register_buffer("basis", torch.tensor(basis, dtype=torch.int64), persistent=False)
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        # An even number of levels has no zero level: shift by half a step so the rounded
+        # values are the integers -L/2 .. L/2-1.
+        half = (self.levels - 1) * (1 - 1e-3) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half)
+        return torch.tanh(z + shift) * half - offset
+
+    def relax(self, z: torch.Tensor) -> torch.Tensor:
+        return self._bound(z.float()).to(z.dtype) / (self.levels // 2)
+
+    def forward(self, z: torch.Tensor) -> Quantized:
+        bounded = self._bound(z.float())
+        rounded = bounded + (bounded.round() - bounded).detach()
+        half_width = (self.levels // 2)
+        values = rounded / half_width
+        digits = (rounded.detach().round() + half_width).long()
+        ids = (digits * self.basis).sum(-1, keepdim=True)
+        self.count_usage(ids)
+        return Quantized(values.to(z.dtype), ids, z.new_zeros(()), {})
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids[..., 0]
+        digits = (ids.clamp(min=0).unsqueeze(-1) // self.basis) % self.levels.long()
+        half_width = (self.levels // 2)
+        out = (digits.float() - half_width) / half_width
+        return out * (ids >= 0).unsqueeze(-1).float()
