@@ -175,6 +175,7 @@ def run_tokctl(*args, timeout=240, **kw):
                           text=True, timeout=timeout, **kw)
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_points_as_parallel_processes(tiny_lm_dir, tmp_path):
     """The CI check of the submitit launcher: two jobs, each a separate process."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -198,6 +199,7 @@ def test_submitit_local_runs_points_as_parallel_processes(tiny_lm_dir, tmp_path)
     assert any((sweep / ".submitit").iterdir())
 
 
+@pytest.mark.slow
 def test_two_sweeps_started_together_never_share_a_folder(tiny_lm_dir, tmp_path):
     args = [sys.executable, "-m", "tokctl.cli",
             *tiny(tiny_lm_dir, "method=ar,hf", f"runs_dir={tmp_path}")]
