@@ -70,3 +70,18 @@ def test_bad_shapes_are_rejected():
     model, _ = make_tiny("onedpiece", "fsq")
     with pytest.raises(ValueError):
         model.decode(torch.zeros(1, model.max_tokens + 1, dtype=torch.long))
+
+
+def test_ms_ssim_matches_the_reference_at_five_scales(monkeypatch):
+    from pytorch_msssim import ms_ssim
+
+    import tokctl.imagetok.losses as losses
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 200, 200, generator=g)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    monkeypatch.setattr(losses, "MS_SSIM_WEIGHTS", (0.0448, 0.2856, 0.3001, 0.2363, 0.1333))
+    monkeypatch.setattr(losses, "MS_SSIM_WIN", 11)
+    torch.testing.assert_close(losses.ms_ssim_per_image(x, y),
+                               ms_ssim(x, y, data_range=1.0, size_average=False),
+                               rtol=1e-4, atol=1e-4)

@@ -132,9 +132,9 @@ def run(cfg, run: Run) -> dict:
                 opt.step()
                 step += 1
                 images_seen += images.shape[0]
-                advance(1, info=f"loss {float(loss):.4f} ssim {parts.get('ssim', 0):.3f}")
+                advance(1, info=f"loss {float(loss.detach()):.4f} ssim {parts.get('ssim', 0):.3f}")
                 if step % t.log_every == 0 or step == t.steps:
-                    row = {"step": step, "loss": float(loss), "lr": opt.param_groups[0]["lr"],
+                    row = {"step": step, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
                            "quantized": quantize, "images_seen": images_seen,
                            "elapsed_s": time.perf_counter() - start, **parts}
                     if step % t.val_every == 0 or step == t.steps:

@@ -1,0 +1,109 @@
+"""The train and eval jobs end to end on tiny tokenizers (composed configs, real run folders)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokctl.config import compose
+from tokctl.errors import UserError
+from tokctl.imagetok import fid
+from tokctl.imagetok.checkpoint import load_tokenizer
+from tokctl.jobs import JOBS, execute
+from tests.imagetok.conftest import TINY
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        small = rng.random((6, 8, 3))
+        im = Image.fromarray((small * 255).astype(np.uint8)).resize((80, 60), Image.BICUBIC)
+        im.save(folder / f"p{i}.png")
+    (folder / "screenshot.png").write_bytes(b"skipped by name")
+    return folder
+
+
+def tiny_overrides(folder, steps=4):
+    ov = [f"data.folders=[{folder}]", f"train.steps={steps}", "train.batch_size=4",
+          "train.ae_warmup_steps=2", "train.log_every=1", "train.val_every=2",
+          "train.val_images=4", "train.checkpoint_every=2", "train.lr_warmup_steps=1",
+          "threads=1", "tokenizer.num_latents=6"]
+    ov += [f"tokenizer.{k}={v}" for k, v in TINY.items() if k != "conv_channels"]
+    return ov + ["tokenizer.conv_channels=[8,8,8]", "quantizer.levels=[4,4,4]"]
+
+
+def test_train_writes_checkpoints_and_resumes(photo_folder, tmp_path):
+    job = JOBS["tokenize-image train"]
+    cfg = compose(job.conf, job.config_name, tiny_overrides(photo_folder))
+    status, path = execute(job, cfg, tmp_path / "run1")
+    assert status == "completed"
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["photos"] == 3
+    assert "val_ssim@8" not in metrics and "val_ssim@6" in metrics  # budgets up to 6 tokens
+    rows = [json.loads(l) for l in (path / "samples.jsonl").read_text().splitlines()]
+    assert [r["quantized"] for r in rows] == [False, False, True, True]
+    tok = load_tokenizer(path / "tokenizer.pt")
+    assert tok.model.max_tokens == 6 and tok.trained["steps"] == 4
+
+    cfg2 = compose(job.conf, job.config_name,
+                   tiny_overrides(photo_folder, steps=6) + [f"resume={path}"])
+    status, path2 = execute(job, cfg2, tmp_path / "run2")
+    assert status == "completed"
+    steps = [json.loads(l)["step"] for l in (path2 / "samples.jsonl").read_text().splitlines()]
+    assert steps == [5, 6]  # continued where the first run stopped
+
+
+def test_train_without_photos_is_one_clear_error(tmp_path):
+    job = JOBS["tokenize-image train"]
+    cfg = compose(job.conf, job.config_name, [f"data.folders=[{tmp_path}/none]"])
+    with pytest.raises(UserError, match="usable photos"):
+        execute(job, cfg, tmp_path / "run")
+
+
+def test_eval_against_jpeg_and_webp(tiny_tokenizer_file, photo_folder, tmp_path):
+    job = JOBS["tokenize-image eval"]
+    cfg = compose(job.conf, job.config_name,
+                  [f"tokenizer_path={tiny_tokenizer_file[0]}", f"data.path={photo_folder}",
+                   "rfid=false", "speed_repeats=1", "threads=1"])
+    status, path = execute(job, cfg, tmp_path / "eval")
+    assert status == "completed"
+    m = json.loads((path / "metrics.json").read_text())
+    assert (path / "rate_distortion.png").stat().st_size > 1000
+    codecs = {e["codec"] for e in m["entries"]}
+    assert codecs == {"onedpiece", "jpeg", "webp"}
+    tok_rows = [e for e in m["entries"] if e["codec"] == "onedpiece"]
+    assert [e["tokens"] for e in tok_rows] == [6]  # max 6 tokens: the only budget
+    # 64 codes = 6 bits a token: 8-byte header + 5 bytes of ids, exactly
+    assert tok_rows[0]["bytes_per_image"] == 13
+    for codec in ("jpeg", "webp"):
+        row = next(e for e in m["entries"] if e["codec"] == codec)
+        assert row["bytes_target"] == 13 and row["over_budget"] == 3  # none fits in 13 bytes
+    assert m["best_by_budget"][0]["best_ssim"] == "onedpiece"
+    assert set(m["speed"]) == {"onedpiece", "jpeg", "webp"}
+    assert m["monotonic_in_tokens"]["onedpiece"]["ssim"] is True
+
+
+def test_eval_bad_budget(tiny_tokenizer_file, tmp_path):
+    job = JOBS["tokenize-image eval"]
+    cfg = compose(job.conf, job.config_name,
+                  [f"tokenizer_path={tiny_tokenizer_file[0]}", "budgets=[99]", "rfid=false"])
+    with pytest.raises(UserError, match="1 to 6"):
+        execute(job, cfg, tmp_path / "eval")
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 4))
+    assert abs(fid.frechet_distance(a, a)) < 1e-6
+    assert fid.frechet_distance(a, a + 1.0) == pytest.approx(4.0, rel=0.05)
+
+
+@pytest.mark.slow
+def test_inception_features_shape():
+    feats = fid.features(torch.rand(2, 3, 64, 64))
+    assert feats.shape == (2, 2048) and np.isfinite(feats).all()
