@@ -68,3 +68,8 @@ def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no images"):
         _run(tmp_path, "data=folder", f"data.path={tmp_path / 'empty'}")
+
+
+def test_encoder_without_classifier_is_compared_on_its_outputs(tmp_path):
+    status, path, m = _run(tmp_path, "model.family=clip", "data=synthetic", "data.num_images=4", "method.r=4")
+    assert m["agreement"] is None and m["kl"] is None and 0.0 < m["output_cosine"] <= 1.0 + 1e-6

@@ -215,10 +215,13 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
             tokens_attn, tokens_mlp = list(st.tokens_attn), list(st.tokens_mlp)
             pred_b, pred_c = out["base"].argmax(-1), out["comp"].argmax(-1)
             labelled = batch.labels >= 0
-            kl = _kl(out["base"], out["comp"]) if info.num_labels else torch.zeros(len(x))
+            if info.num_labels:
+                kl = float(_kl(out["base"], out["comp"]).sum())
+            else:  # an encoder without classifier: compare its pooled features instead
+                kl = float(F.cosine_similarity(out["base"].float(), out["comp"].float(), dim=-1).sum())
             row = {"batch": b_index, "images": len(x), "seconds": seconds["comp"],
                    "baseline_seconds": seconds["base"], "agree": int((pred_b == pred_c).sum()),
-                   "kl": float(kl.sum())}
+                   "kl" if info.num_labels else "output_cosine": kl}
             if labelled.any():
                 row["correct"] = int((pred_c == batch.labels)[labelled].sum())
                 row["baseline_correct"] = int((pred_b == batch.labels)[labelled].sum())
@@ -228,13 +231,12 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
             totals["t"] += seconds["comp"]
             totals["tb"] += seconds["base"]
             totals["agree"] += row["agree"]
-            totals["kl"] += row["kl"]
+            totals["kl"] += kl
             totals["correct"] += row.get("correct", 0)
             totals["bcorrect"] += row.get("baseline_correct", 0)
             totals["labelled"] += row.get("labelled", 0)
             ratios.append(seconds["base"] / max(seconds["comp"], 1e-12))
-            advance(1, info=f"speedup {totals['tb'] / max(totals['t'], 1e-12):.2f}x agree "
-                            f"{totals['agree'] / totals['n']:.3f}")
+            advance(1, info=f"speedup {totals['tb'] / max(totals['t'], 1e-12):.2f}x")
     if totals["n"] == 0:
         first = next(iter(source.skipped.items()), None)
         raise UserError(f"none of the {len(evaluated)} images could be decoded (first: {first[0]}: {first[1]})"
@@ -260,8 +262,10 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
         "gflops": gflops, "baseline_gflops": base_gflops, "flops_ratio": gflops / base_gflops,
         "top1": totals["correct"] / labelled if labelled else None,
         "baseline_top1": totals["bcorrect"] / labelled if labelled else None,
-        "agreement": totals["agree"] / totals["n"],
+        # Without a classifier, argmax agreement means nothing: the pooled outputs' cosine instead.
+        "agreement": totals["agree"] / totals["n"] if info.num_labels else None,
         "kl": totals["kl"] / totals["n"] if info.num_labels else None,
+        "output_cosine": None if info.num_labels else totals["kl"] / totals["n"],
         "tokens_per_layer": tokens_attn, "tokens_per_layer_mlp": tokens_mlp,
         "final_tokens": tokens_mlp[-1] if tokens_mlp else None,
         "batch_size": int(cfg.batch_size), "timed_batches": len(ratios), "warmup_batches": int(cfg.warmup),
@@ -274,7 +278,9 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
                       f"(listed in {run.file('skipped.txt')})")
     top = (f"top-1 {metrics['top1']:.4f} (baseline {metrics['baseline_top1']:.4f}), "
            if labelled else "")
-    console.print(f"{method.name}: {top}agreement {metrics['agreement']:.4f}, speedup {metrics['speedup']:.2f}x, "
+    fidelity_text = (f"agreement {metrics['agreement']:.4f}" if info.num_labels
+                     else f"output cosine {metrics['output_cosine']:.4f}")
+    console.print(f"{method.name}: {top}{fidelity_text}, speedup {metrics['speedup']:.2f}x, "
                   f"GFLOPs {gflops:.4f} of {base_gflops:.4f}, tokens {tokens_attn}")
     return metrics
 

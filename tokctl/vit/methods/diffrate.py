@@ -131,6 +131,8 @@ class DiffRate(TokenMethod):
         return not self.prune_kept
 
     def setup(self, info) -> None:
+        if info.prefix_tokens < 1:
+            raise UserError("method=diffrate ranks tokens by [CLS] attention; this model has no class token")
         self.info = info
         if self.rates_cfg is not None and not self.prune_kept:
             self.load_rates(self.rates_cfg)
