@@ -28,7 +28,7 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_lm(folder, vocab_words: int = 200, layers: int = 2, seed: int = 0):
+def build_tiny_lm(folder, vocab_words: int = 320, layers: int = 2, seed: int = 0):
     """A tiny random Llama with a real (trained, byte-level BPE) tokenizer and a chat template,
     saved as a Hugging Face folder: loads in milliseconds, exercises every code path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

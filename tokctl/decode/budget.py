@@ -121,15 +121,17 @@ def cached_cost(model_source: str, target, max_n: int = 96, refresh: bool = Fals
     return cost
 
 
-def best_size(scores: Sequence[float], cost: Callable[[int], float]) -> tuple[int, float]:
+def best_size(scores: Sequence[float], cost: Callable[[int], float],
+              per_node: float = 0.0) -> tuple[int, float]:
     """How many of the best-first node ``scores`` (acceptance probabilities, non-increasing) to
-    verify: the n maximising (1 + sum(scores[:n])) / cost(n + 1). Returns (n, expected speedup
-    over one-token steps)."""
+    verify: the n maximising (1 + sum(scores[:n])) / (cost(n + 1) + n * per_node), where
+    ``per_node`` is what drafting each node costs (a draft model's step; 0 for free drafts).
+    Returns (n, expected speedup over one-token steps)."""
     base = 1.0 / cost(1)
     best_n, best_rate, total = 0, base, 1.0
     for n, s in enumerate(scores, 1):
         total += s
-        rate = total / cost(n + 1)
+        rate = total / (cost(n + 1) + n * per_node)
         if rate > best_rate:
             best_n, best_rate = n, rate
     return best_n, best_rate / base
@@ -156,6 +158,7 @@ class SizedDrafts:
         self.cost: VerifyCost | None = None
         self.chosen_sizes: list[int] = []
         self.predicted_gain: list[float] = []
+        self.draft_node_cost = 0.0  # seconds of drafting per node (draft-model chains)
 
     def setup_budget(self, target, loaded) -> None:
         if self.budget == "auto":
@@ -164,7 +167,7 @@ class SizedDrafts:
     def choose_size(self, ranked_scores: Sequence[float]) -> int:
         scores = list(ranked_scores)[: self.max_nodes]
         if self.budget == "auto":
-            n, gain = best_size(scores, self.cost)
+            n, gain = best_size(scores, self.cost, self.draft_node_cost)
             self.predicted_gain.append(gain)
         else:
             n = min(int(self.budget), len(scores))
@@ -176,6 +179,8 @@ class SizedDrafts:
         info = {"budget": self.budget, "max_nodes": self.max_nodes,
                 "mean_draft_nodes": sum(sizes) / len(sizes) if sizes else None,
                 "draft_nodes_hist": _hist(sizes)}
+        if self.draft_node_cost:
+            info["draft_step_cost_relative"] = round(self.draft_node_cost / self.cost(1), 3)
         if self.cost is not None:
             info["verify_cost_relative"] = {str(k): round(v, 3)
                                             for k, v in self.cost.relative().items()}

@@ -48,6 +48,27 @@ def method_config(name: str):
     return OmegaConf.load(path)
 
 
+def draft_model_config(value: str, model_cfg):
+    """`draft_model=` takes a model config name (conf/decode/model/), a folder, a .gguf file or a
+    hub id; dtype, device and backend follow the target's."""
+    from pathlib import Path
+
+    from tokctl.config import conf_dir
+
+    named = conf_dir("decode") / "model" / f"{value}.yaml"
+    if named.is_file():
+        cfg = OmegaConf.load(named)
+    elif Path(value).expanduser().is_dir():
+        cfg = OmegaConf.create({"path": value})
+    elif value.endswith(".gguf"):
+        cfg = OmegaConf.create({"gguf": value})
+    else:
+        cfg = OmegaConf.create({"id": value})
+    for key in ("dtype", "device", "backend"):
+        cfg[key] = model_cfg.get(key)
+    return cfg
+
+
 def build_method(method_cfg) -> DecodingMethod:
     from hydra.utils import instantiate
 
@@ -145,6 +166,10 @@ def run(cfg, run) -> dict[str, Any]:
     baseline = build_method(baseline_cfg) if baseline_cfg is not None else None
 
     loaded = load_causal_lm(cfg.model)
+    if cfg.get("draft_model"):
+        loaded.draft = load_causal_lm(draft_model_config(str(cfg.draft_model), cfg.model))
+        run.update_env(draft_model_source=loaded.draft.source,
+                       draft_model_load_s=round(loaded.draft.load_s, 3))
     settings.eos_ids = eos_ids(loaded)
     target = make_target(loaded.model, loaded.tokenizer, str(cfg.model.get("backend") or "auto"))
     run.update_env(model_source=loaded.source, model_load_s=round(loaded.load_s, 3),

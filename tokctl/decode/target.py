@@ -102,6 +102,18 @@ class Target:
         self.forward_calls += 1
         return logits
 
+    def truncate(self, length: int) -> None:
+        """Forget committed tokens beyond ``length`` (a draft model rolling back its guesses)."""
+        if self._pending:
+            raise RuntimeError("commit() the previous forward before truncating")
+        if not 0 < length <= self.length:
+            raise ValueError(f"cannot truncate a sequence of {self.length} tokens to {length}")
+        self._truncate(length)
+        self.length = length
+
+    def _truncate(self, length: int) -> None:
+        pass  # the static cache simply overwrites slots beyond the committed length
+
     def commit(self, keep: Sequence[int] | torch.Tensor) -> None:
         keep = torch.as_tensor(keep, dtype=torch.long, device=self.device).view(-1)
         self._keep(keep)
@@ -144,7 +156,10 @@ class HFTarget(Target):
     def _reset(self, capacity: int) -> None:
         from transformers import DynamicCache
 
-        self.cache = DynamicCache(config=self.model.config)
+        # No config: every layer keeps every position (a config would make sliding-window layers
+        # drop old entries, and committing tree paths by index needs full-length caches). The
+        # sliding window is applied through the attention masks instead.
+        self.cache = DynamicCache()
 
     @torch.inference_mode()
     def _forward(self, tokens, positions, tree_mask, last_only):
@@ -153,16 +168,33 @@ class HFTarget(Target):
         if tree_mask is not None:
             full = torch.cat([torch.ones(n, self.length, dtype=torch.bool, device=self.device),
                               tree_mask], dim=1)
-            if getattr(self.model.config, "_attn_implementation", "sdpa") == "eager":
-                mask = torch.zeros(full.shape, dtype=self.dtype, device=self.device)
-                mask.masked_fill_(~full, torch.finfo(self.dtype).min)
-            else:
-                mask = full
-            kwargs["attention_mask"] = mask[None, None]
+            kwargs["attention_mask"] = self._tree_masks(full, positions)
         kwargs[self._cache_kw] = self.cache
         out = self.model(input_ids=tokens[None], position_ids=positions[None], use_cache=True,
                          logits_to_keep=1 if last_only else 0, **kwargs)
         return out.logits[0]
+
+    def _as_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        if getattr(self.model.config, "_attn_implementation", "sdpa") == "eager":
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+            return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[None, None]
+        return allowed[None, None]
+
+    def _tree_masks(self, allowed: torch.Tensor, positions: torch.Tensor):
+        """One 4D mask, or one per attention type for models mixing full and sliding-window
+        layers (Gemma 3): there a key is also hidden once it is ``sliding_window`` positions back."""
+        cfg = self.model.config
+        types = set(getattr(cfg, "layer_types", None) or [])
+        window = getattr(cfg, "sliding_window", None)
+        if "sliding_attention" not in types or not window:
+            return self._as_mask(allowed)
+        key_pos = torch.cat([torch.arange(self.length, device=self.device), positions])
+        near = (positions[:, None] - key_pos[None, :]) < window
+        return {t: self._as_mask(allowed & near if t == "sliding_attention" else allowed)
+                for t in types}
+
+    def _truncate(self, length: int) -> None:
+        self.cache.crop(length - self.length)
 
     def _keep(self, keep):
         n_pending = self._pending

