@@ -78,7 +78,7 @@ class FastLlama:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.eps = cfg.rms_norm_eps
         self.rotary = inner.rotary_emb
-        self.attention = attention or sdpa_attention
+        self.attention = attention or default_attention
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or 1 << 30
 
@@ -173,3 +173,15 @@ def sdpa_attention(q, k, v, prefix: int, tree_mask):
     mask = attention_mask(prefix, n, tree_mask, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+def default_attention(q, k, v, prefix: int, tree_mask):
+    """The Triton tree-attention kernel where the dispatch rule says so (a GPU, or forced), SDPA
+    otherwise."""
+    from kernels import use_triton
+
+    if use_triton(q):
+        from kernels.tree_attention import tree_attention_triton
+
+        return tree_attention_triton(q[0], k[0], v[0], prefix, tree_mask)[None]
+    return sdpa_attention(q, k, v, prefix, tree_mask)

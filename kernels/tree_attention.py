@@ -1,0 +1,135 @@
+"""Tree attention for speculative verification: new tree tokens attend to the whole cached prefix
+and to their own ancestors in the draft tree (not to their siblings or cousins).
+
+Shapes: q [H, n, D] (the n new tokens), k and v [Hkv, P + n, D] (the committed prefix of length P
+followed by the new tokens' keys and values), ``tree_mask`` [n, n] bool (True where token i may see
+token j; None means causal). Grouped-query attention: query head h reads kv head h // (H / Hkv).
+
+The kernel is a FlashAttention-style pass: one program per (head, block of queries) streams the keys
+in blocks with an online softmax, in fp32, so that its memory traffic is the KV cache read once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels import triton_available, use_triton
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tree_attention_kernel(
+        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+        n, prefix, group, scale,
+        sqh, sqn, sqd, skh, skn, skd, svh, svn, svd, smi, smj, soh, son, sod,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):
+        head = tl.program_id(0)
+        block = tl.program_id(1)
+        kv_head = head // group
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < n
+        dim_ok = dims < HEAD_DIM
+        q = tl.load(q_ptr + head * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        total = prefix + n
+        for start in range(0, total, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < total
+            k = tl.load(k_ptr + kv_head * skh + cols[:, None] * skn + dims[None, :] * skd,
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + kv_head * svh + cols[:, None] * svn + dims[None, :] * svd,
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            # Products in the inputs' dtype, accumulated in fp32 (tensor cores for bf16).
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            # Keys in the prefix are visible to every row; tree keys only where the mask says so.
+            tree_col = cols - prefix
+            in_tree = (tree_col >= 0) & col_ok
+            tree_ok = tl.load(mask_ptr + rows[:, None] * smi + tree_col[None, :] * smj,
+                              mask=row_ok[:, None] & in_tree[None, :], other=0)
+            visible = (((cols < prefix)[None, :]) | (tree_ok != 0)) & col_ok[None, :] & row_ok[:, None]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m_i = m_new
+        out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + head * soh + rows[:, None] * son + dims[None, :] * sod,
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def _full_mask(n: int, tree_mask: torch.Tensor | None, device) -> torch.Tensor:
+    if tree_mask is None:
+        return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return tree_mask.to(device=device, dtype=torch.bool)
+
+
+def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
+                       tree_mask: torch.Tensor | None) -> torch.Tensor:
+    """Reference: PyTorch SDPA over [prefix | tree] with an explicit boolean mask, in fp32."""
+    n = q.shape[1]
+    allowed = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=q.device),
+                         _full_mask(n, tree_mask, q.device)], dim=1)
+    group = q.shape[0] // k.shape[0]
+    kf = k.float().repeat_interleave(group, dim=0)
+    vf = v.float().repeat_interleave(group, dim=0)
+    out = torch.nn.functional.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=allowed)
+    return out.to(q.dtype)
+
+
+def tree_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
+                          tree_mask: torch.Tensor | None, block_m: int = 16,
+                          block_n: int = 32) -> torch.Tensor:
+    heads, n, dim = q.shape
+    kv_heads = k.shape[0]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not group over {kv_heads} kv heads")
+    if k.shape[1] != prefix + n:
+        raise ValueError(f"keys hold {k.shape[1]} positions, expected prefix {prefix} + {n}")
+    mask = _full_mask(n, tree_mask, q.device).to(torch.int8).contiguous()
+    out = torch.empty_like(q)
+    grid = (heads, triton.cdiv(n, block_m))
+    _tree_attention_kernel[grid](
+        q, k, v, mask, out, n, prefix, heads // kv_heads, 1.0 / math.sqrt(dim),
+        *q.stride(), *k.stride(), *v.stride(), *mask.stride(), *out.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim), HEAD_DIM=dim,
+    )
+    return out
+
+
+def tree_attention(q, k, v, prefix, tree_mask):
+    """Dispatch: the Triton kernel on a GPU (or when forced), the reference otherwise."""
+    if use_triton(q, k, v):
+        return tree_attention_triton(q, k, v, prefix, tree_mask)
+    return tree_attention_ref(q, k, v, prefix, tree_mask)
+
+
+def bench_cases(device: str):
+    """Verification of a 64-node tree over a 2k-token cache, SmolLM2-135M's and Llama-8B's heads."""
+    cases = []
+    for label, heads, kv_heads, dim, prefix, n in [("smollm2 H9/3 D64 P2048 n64", 9, 3, 64, 2048, 64),
+                                                   ("llama8b H32/8 D128 P2048 n64", 32, 8, 128, 2048, 64)]:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(heads, n, dim, device=device, generator=g, dtype=torch.bfloat16)
+        k = torch.randn(kv_heads, prefix + n, dim, device=device, generator=g, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        parents = torch.arange(n) // 2 - 1  # a binary tree
+        mask = torch.eye(n, dtype=torch.bool)
+        for i in range(n):
+            if parents[i] >= 0:
+                mask[i] |= mask[parents[i]]
+        mask = mask.to(device)
+        cases.append((label, lambda q=q, k=k, v=v, m=mask, p=prefix: tree_attention_triton(q, k, v, p, m),
+                      lambda q=q, k=k, v=v, m=mask, p=prefix: tree_attention_ref(q, k, v, p, m)))
+    return cases

@@ -1,0 +1,82 @@
+"""The tree-attention kernel (interpreter mode on the CPU) against its torch reference."""
+
+import pytest
+import torch
+
+from kernels.tree_attention import tree_attention, tree_attention_ref, tree_attention_triton
+
+
+def tree_mask(parents):
+    n = len(parents)
+    m = torch.eye(n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            m[i] |= m[p]
+    return m
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,prefix,parents", [
+    (3, 1, 16, 5, [-1, 0, 0, 1, -1]),                 # odd sizes, GQA 3:1, a forest
+    (4, 2, 24, 37, [-1, 0, 1, 2, 0, 4, 1]),           # head_dim not a power of two
+    (2, 2, 32, 0, [-1, 0, 1]),                        # no prefix at all
+    (2, 1, 16, 19, list(range(-1, 20))),              # a chain longer than one query block
+])
+def test_kernel_matches_reference(force_triton, heads, kv_heads, dim, prefix, parents):
+    g = torch.Generator().manual_seed(0)
+    n = len(parents)
+    q = torch.randn(heads, n, dim, generator=g)
+    k = torch.randn(kv_heads, prefix + n, dim, generator=g)
+    v = torch.randn(kv_heads, prefix + n, dim, generator=g)
+    m = tree_mask(parents)
+    ref = tree_attention_ref(q, k, v, prefix, m)
+    torch.testing.assert_close(tree_attention_triton(q, k, v, prefix, m), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(tree_attention(q, k, v, prefix, m), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_causal_when_no_mask(force_triton):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 6, 16, generator=g), torch.randn(1, 9, 16, generator=g), torch.randn(1, 9, 16, generator=g)
+    torch.testing.assert_close(tree_attention_triton(q, k, v, 3, None),
+                               tree_attention_ref(q, k, v, 3, tree_mask(list(range(-1, 5)))),
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_reference_matches_plain_softmax_attention():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(2, 3, 8, generator=g), torch.randn(1, 7, 8, generator=g), torch.randn(1, 7, 8, generator=g)
+    m = tree_mask([-1, 0, -1])
+    allowed = torch.cat([torch.ones(3, 4, dtype=torch.bool), m], 1)
+    scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5
+    manual = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    torch.testing.assert_close(tree_attention_ref(q, k, v, 4, m), manual)
+
+
+def test_dispatch_uses_reference_on_cpu_by_default(monkeypatch):
+    import kernels.tree_attention as ta
+
+    monkeypatch.setenv("TOKCTL_TRITON", "auto")
+    monkeypatch.setattr(ta, "tree_attention_triton", lambda *a: (_ for _ in ()).throw(AssertionError))
+    q = torch.randn(1, 2, 8)
+    k = torch.randn(1, 5, 8)
+    tree_attention(q, k, k, 3, None)
+
+
+def test_fast_target_runs_on_the_kernel(force_triton):
+    """The lean Llama forward with the kernel on its hot path matches transformers' forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokctl.decode.target import FastTarget
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (12,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0]
+    t = FastTarget(model, None)
+    torch.testing.assert_close(t.prefill(ids[:8]), ref[7], atol=1e-4, rtol=1e-4)
+    wrong = (ids[9] + 1) % 50
+    out = t.forward([ids[8], wrong, ids[9], ids[10]], [-1, 0, 0, 2])
+    for node, pos in ((0, 8), (2, 9), (3, 10)):
+        torch.testing.assert_close(out[node], ref[pos], atol=1e-4, rtol=1e-4)
