@@ -251,6 +251,12 @@ def load_release(folder: Path | str) -> tuple[ReleaseTiTok, dict]:
         model = ReleaseTiTok(config)
     except KeyError as exc:
         raise UserError(f"{folder}/config.json: unknown TiTok size {exc}") from None
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise UserError(f"{folder}: weights do not match the config ({wrong[0]}: "
+                        f"{tuple(state[wrong[0]].shape)} in the file, "
+                        f"{tuple(own[wrong[0]].shape)} from config.json)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("quantizer.") or k == "quantizer.codebook"]
     if missing or unexpected:
