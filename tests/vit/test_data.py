@@ -69,3 +69,16 @@ def test_fit_converts_channels_and_size():
     info.num_channels, info.image_size = 1, 28
     out = data._fit(torch.full((3, 40, 60), 200, dtype=torch.uint8), info)
     assert out.shape == (1, 28, 28) and int(out.float().mean()) == 200
+
+
+def test_saved_datasets_library_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images = [Image.fromarray(np.full((12, 12), v, np.uint8)) for v in (0, 100, 200)]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["Cat", "dog"])})
+    ds = datasets.Dataset.from_dict({"img": images, "label": [0, 1, 1]}, features=features)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    info = _info({0: "cat", 1: "dog"})
+    src = data.open_source(OmegaConf.create({"kind": "hf_disk", "path": str(tmp_path / "ds")}), info)
+    assert src.has_labels and src.labels == [0, 1, 1]
+    batch = next(src.batches(4, [0, 1, 2]))
+    assert batch.images.shape == (3, 3, 32, 32) and int(batch.images[2].float().mean()) == 200
