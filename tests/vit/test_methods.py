@@ -174,3 +174,11 @@ def test_tsm_checkpoint_round_trip(tmp_path):
     assert patch.last_state.tokens_attn == [65, 33, 33, 17]
     with pytest.raises(UserError, match="no such file"):
         SlimTokens(str(tmp_path / "nope.pt"))
+
+
+def test_cluster_result_of_an_image_does_not_depend_on_its_batch():
+    model, info = tiny(layers=3)
+    apply_patch(model, ClusterTokens(clusters=(4, 4), cluster_after=0), info)
+    x = pixels(batch=3)
+    with torch.no_grad():
+        torch.testing.assert_close(info.forward(x)[:1], info.forward(x[:1]), rtol=1e-4, atol=1e-5)

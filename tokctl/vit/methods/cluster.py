@@ -49,7 +49,8 @@ def local_kmeans(patches: torch.Tensor, grid: tuple[int, int], clusters: tuple[i
            ((start[:, None] % w - centre_ids[None, :] % w).abs() <= radius)  # (H*W, h*w)
     for _ in range(iters):
         dist = _sq_dist(patches, centres)
-        scale = dist.masked_select(near.expand_as(dist)).mean().clamp_min(1e-12)
+        # Per image, so that an image's clusters never depend on the rest of its batch.
+        scale = ((dist * near).sum((1, 2), keepdim=True) / near.sum()).clamp_min(1e-12)
         logits = (-dist / (tau * scale)).masked_fill(~near, float("-inf"))
         assign = logits.softmax(-1)  # over centres, per patch
         centres = (assign.transpose(1, 2) @ patches) / assign.sum(1)[..., None].clamp_min(1e-12)
@@ -62,7 +63,7 @@ def reconstruction_weights(before: torch.Tensor, centres: torch.Tensor, k: int, 
     dist = _sq_dist(before, centres)
     k = min(k, centres.shape[1])
     top, idx = dist.topk(k, dim=-1, largest=False)
-    scale = top.mean().clamp_min(1e-12)
+    scale = top.mean((1, 2), keepdim=True).clamp_min(1e-12)
     weights = torch.zeros_like(dist)
     weights.scatter_(-1, idx, (-top / (tau * scale)).softmax(-1))
     return weights
