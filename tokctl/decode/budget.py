@@ -162,7 +162,8 @@ class SizedDrafts:
 
     def setup_budget(self, target, loaded) -> None:
         if self.budget == "auto":
-            self.cost = cached_cost(loaded.source, target, max_n=self.max_nodes + 1)
+            self.cost = cached_cost(loaded.source, target, max_n=self.max_nodes + 1,
+                                    refresh=getattr(target, "remeasure_cost", False))
 
     def choose_size(self, ranked_scores: Sequence[float]) -> int:
         scores = list(ranked_scores)[: self.max_nodes]

@@ -161,9 +161,14 @@ def run(cfg, run) -> dict[str, Any]:
     settings = settings_from(cfg)
     prompts = load_prompts(cfg.data)  # a bad data file fails before the model loads
     baseline_name = cfg.get("baseline")
-    baseline_cfg = method_config(str(baseline_name)) if baseline_name else None
     method = build_method(cfg.method)
-    baseline = build_method(baseline_cfg) if baseline_cfg is not None else None
+    baseline = build_method(method_config(str(baseline_name))) if baseline_name else None
+    also_names = [str(n) for n in (cfg.get("also") or [])]
+    if len(set(also_names)) < len(also_names) or method.name in also_names:
+        raise UserError(f"also={also_names}: list each extra method once, and not the main method")
+    also = [build_method(method_config(n)) for n in also_names]
+    if also and baseline is None:
+        raise UserError("also=[...] compares extra methods against the baseline: set baseline=NAME")
 
     loaded = load_causal_lm(cfg.model)
     if cfg.get("draft_model"):
@@ -172,19 +177,23 @@ def run(cfg, run) -> dict[str, Any]:
                        draft_model_load_s=round(loaded.draft.load_s, 3))
     settings.eos_ids = eos_ids(loaded)
     target = make_target(loaded.model, loaded.tokenizer, str(cfg.model.get("backend") or "auto"))
+    if cfg.get("verify_cost", "cached") not in ("cached", "measure"):
+        raise UserError(f"verify_cost={cfg.verify_cost} must be 'cached' or 'measure'")
+    target.remeasure_cost = cfg.get("verify_cost") == "measure"
     run.update_env(model_source=loaded.source, model_load_s=round(loaded.load_s, 3),
                    model=loaded.info, backend=target.backend, dtype=loaded.info["dtype"],
                    device=loaded.info["device"])
     console.print(f"[dim]model {loaded.source} loaded in {loaded.load_s:.2f}s "
                   f"({loaded.info['dtype']}, {loaded.info['device']}, backend {target.backend}, "
                   f"{torch.get_num_threads()} threads)[/]")
-    runners = [Runner("method", method, loaded, cfg.data.get("chat_template", "auto"),
-                      loaded.info["device"])]
-    method.setup(target, loaded)
+    chat = cfg.data.get("chat_template", "auto")
+    device = loaded.info["device"]
+    runners = [Runner("method", method, loaded, chat, device)]
+    runners += [Runner(m.name, m, loaded, chat, device) for m in also]
     if baseline is not None:
-        baseline.setup(target, loaded)
-        runners.append(Runner("baseline", baseline, loaded, cfg.data.get("chat_template", "auto"),
-                              loaded.info["device"]))
+        runners.append(Runner("baseline", baseline, loaded, chat, device))
+    for r in runners:
+        r.method.setup(target, loaded)
 
     warm = int(cfg.get("warmup", 1) or 0)
     if warm:
@@ -198,32 +207,57 @@ def run(cfg, run) -> dict[str, Any]:
             r.method.restore(snap)
 
     rows: list[dict[str, Any]] = []
+    title = f"decode {method.name}" + "".join(f", {m.name}" for m in also)
+    title += f" vs {baseline.name}" if baseline else ""
     try:
-        with progress_bar(f"decode {method.name}" + (f" vs {baseline.name}" if baseline else ""),
-                          len(prompts)) as advance:
+        with progress_bar(title, len(prompts)) as advance:
             for i, prompt in enumerate(prompts):
-                order = runners if i % 2 == 0 else runners[::-1]
+                # Rotate who goes first, so that slow drift of a shared machine hits all alike.
+                shift = i % len(runners)
+                order = runners[shift:] + runners[:shift]
                 results = {r.label: r.run(prompt, settings, seed=int(cfg.seed) + i) for r in order}
                 row: dict[str, Any] = {"index": i, "id": prompt.id, "category": prompt.category}
-                row.update(results["method"])
+                row.update(_against(results["method"], results.get("baseline")))
                 if baseline is not None:
                     row["baseline"] = results["baseline"]
-                    if "error" not in row and "error" not in row["baseline"]:
-                        row["identical_to_baseline"] = row["token_ids"] == row["baseline"]["token_ids"]
-                        row["speedup"] = (row["baseline"]["time_s"] / row["time_s"]
-                                          * row["new_tokens"] / max(1, row["baseline"]["new_tokens"]))
+                if also:
+                    row["also"] = {m.name: _against(results[m.name], results["baseline"]) for m in also}
                 run.append_sample(row)
                 rows.append(row)
                 advance(info=_progress_info(rows))
     except KeyboardInterrupt:
-        run.write_metrics(_metrics(rows, method, baseline, settings, partial=True))
+        run.write_metrics(_metrics(rows, method, baseline, also, settings, partial=True))
         raise
     finally:
         for r in runners:
             r.method.finish()
-    metrics = _metrics(rows, method, baseline, settings)
+    metrics = _metrics(rows, method, baseline, also, settings)
     print_summary(metrics, method.name, baseline.name if baseline else None)
+    _plot(run, metrics, method, also)
     return metrics
+
+
+def _against(result: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+    """A method's sample result with its exactness and speedup against the baseline's."""
+    out = dict(result)
+    if base is not None and "error" not in result and "error" not in base:
+        out["identical_to_baseline"] = result["token_ids"] == base["token_ids"]
+        out["speedup"] = (base["time_s"] / result["time_s"]
+                          * result["new_tokens"] / max(1, base["new_tokens"]))
+    return out
+
+
+def _plot(run, metrics: dict[str, Any], method, also) -> None:
+    """Speedup and accepted tokens per category per method, as PNGs in the run folder."""
+    from tokctl.plots import RunRecord, decode_figures
+
+    records = [RunRecord(run.path, "decode", None, {}, metrics, method.name)]
+    records += [RunRecord(run.path, "decode", None, {}, {**m, "baseline": metrics.get("baseline")},
+                          name) for name, m in (metrics.get("also") or {}).items()]
+    try:
+        decode_figures(records, run.path)
+    except Exception as exc:  # noqa: BLE001 - a failed plot must not cost the run its metrics
+        console.print(f"[yellow]could not draw the plots: {exc}[/]")
 
 
 def _progress_info(rows: list[dict[str, Any]]) -> str:
@@ -234,8 +268,15 @@ def _progress_info(rows: list[dict[str, Any]]) -> str:
     return f"{tps:.1f} tok/s"
 
 
-def _metrics(rows, method, baseline, settings, partial: bool = False) -> dict[str, Any]:
+def _metrics(rows, method, baseline, also, settings, partial: bool = False) -> dict[str, Any]:
     metrics = aggregate(rows, has_baseline=baseline is not None)
+    if also:
+        metrics["also"] = {}
+        for m in also:
+            extra_rows = [{**r["also"][m.name], "index": r["index"], "category": r["category"],
+                           "baseline": r["baseline"]} for r in rows if "also" in r]
+            metrics["also"][m.name] = {**aggregate(extra_rows, has_baseline=True),
+                                       "method_info": m.run_info()}
     metrics.update(method=method.name, baseline=baseline.name if baseline else None,
                    temperature=settings.sampling.temperature, max_new_tokens=settings.max_new_tokens,
                    threads=torch.get_num_threads(), method_info=method.run_info(),

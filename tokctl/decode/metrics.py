@@ -103,6 +103,26 @@ def print_summary(metrics: dict[str, Any], method: str, baseline: str | None) ->
     if baseline and metrics.get("speedup_median") is not None:
         console.print(f"per-sample speedup: median {_f(metrics['speedup_median'])}, "
                       f"interquartile {_f(metrics['speedup_q25'])}-{_f(metrics['speedup_q75'])}")
+    if metrics.get("also"):
+        _print_methods(metrics, method, baseline)
     if metrics.get("failed_samples"):
         console.print(f"[yellow]{metrics['failed_samples']} sample(s) failed; their reasons are "
                       f"in samples.jsonl[/]")
+
+
+def _print_methods(metrics: dict[str, Any], method: str, baseline: str | None) -> None:
+    """All methods of the run side by side: speedup per category (rows) and method (columns)."""
+    methods = [(method, metrics), *metrics["also"].items()]
+    table = Table(title=f"speedup over {baseline} per category (accepted tokens per step)")
+    table.add_column("category")
+    for name, _ in methods:
+        table.add_column(name, justify="right")
+
+    def cell(m: dict[str, Any]) -> str:
+        return f"{_f(m.get('speedup'))} ({_f(m.get('mean_accepted_tokens'))})"
+
+    for cat in metrics.get("per_category", {}):
+        table.add_row(cat, *[cell(m.get("per_category", {}).get(cat, {})) for _, m in methods])
+    table.add_row("[bold]overall[/]", *[cell(m) for _, m in methods], end_section=True)
+    table.add_row("identical", *[_f(m.get("identical_to_baseline")) for _, m in methods])
+    console.print(table)

@@ -44,7 +44,8 @@ class DraftChain(SpeculativeMethod, SizedDrafts):
         self.setup_budget(target, loaded)
         if self.budget == "auto":
             self.draft_node_cost = cached_cost(self.drafter.loaded.source, self.drafter.target,
-                                               max_n=4)(1)
+                                               max_n=4, refresh=getattr(target, "remeasure_cost",
+                                                                        False))(1)
 
     def snapshot(self):
         return self.depth_stats.state()

@@ -29,8 +29,10 @@ from tokctl.errors import UserError
 
 
 class RankStats:
-    """How often the rank-r candidate of a node's matrix row is the target's next token, over all
-    verified nodes, shrunk towards a geometric prior while data are few."""
+    """How often the rank-r candidate of a node's matrix row is the target's next token, over the
+    verified nodes whose row was filled (a node with an empty row drafts nothing, so those say
+    nothing about the nodes that do get drafted), shrunk towards a geometric prior while data
+    are few."""
 
     def __init__(self, k: int, prior_top: float = 0.3, prior_decay: float = 0.5,
                  prior_weight: float = 20.0):
@@ -41,6 +43,8 @@ class RankStats:
         self.trials = 0.0
 
     def update(self, rows: torch.Tensor, chosen: torch.Tensor) -> None:
+        filled = rows[:, 0] >= 0
+        rows, chosen = rows[filled], chosen[filled]
         self.hits += (rows == chosen[:, None]).sum(0).double().cpu()
         self.trials += rows.shape[0]
 
