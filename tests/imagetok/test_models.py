@@ -85,3 +85,12 @@ def test_ms_ssim_matches_the_reference_at_five_scales(monkeypatch):
     torch.testing.assert_close(losses.ms_ssim_per_image(x, y),
                                ms_ssim(x, y, data_range=1.0, size_average=False),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_linear_shortcut_keeps_prefix_independence(images):
+    model, _ = make_tiny("onedpiece", "fsq", shortcut=4)
+    tokens = model.encode(images)
+    other = tokens.clone()
+    other[:, 2:] = (other[:, 2:] + 1) % model.codebook_size
+    torch.testing.assert_close(model.decode(other[:, :2]), model.decode(tokens[:, :2]))
+    assert not torch.allclose(model.decode(other), model.decode(tokens))

@@ -107,7 +107,12 @@ def run(cfg, run: Run) -> dict:
                 parsed = [tokfile.loads(b, model.codebook_size, tok.hash) for b in blobs]
                 dec_s, decoded = _timed(lambda: decode_files(tok, parsed), repeats)
                 recon = torch.stack([to_tensor(im) for im in decoded])
-                record(label, recon, [len(b) for b in blobs], {"tokens": n, "kind": "tokenizer"})
+                # encode(decode(tokens)): how many of the kept tokens come back unchanged
+                again = model.encode(recon)[:, :n]
+                kept = torch.from_numpy(np.stack([t[:n] for t in tokens]))
+                agreement = float((again == kept).double().mean())
+                record(label, recon, [len(b) for b in blobs],
+                       {"tokens": n, "kind": "tokenizer", "reencode_agreement": agreement})
                 if n == model.max_tokens:
                     speed[label] = {"encode_images_per_s": n_img / enc_s,
                                     "decode_images_per_s": n_img / dec_s}

@@ -8,6 +8,14 @@ quantised latents; the grid's outputs are turned back into pixels.
 ``stem="conv"`` (the default here) puts a small convolutional stem and pixel decoder around the
 same 1D bottleneck: at CPU training budgets a pure ViT learns little more than each image's mean
 colour, while convolutions give it local texture for free.
+
+``shortcut > 0`` adds a low-rank linear path beside attention, in both directions: every latent
+token starts from a linear map of the whole (flattened, narrowed to ``shortcut`` channels) patch
+grid, and every grid query of the decoder from a linear map of all kept latents. At first the
+mask-token decoder carries no image information at all (its queries are identical for every
+image and attention is uniform), and on a CPU budget of a few thousand steps it never learns to
+route it; the linear path carries the coarse image from the first step, and attention refines.
+Latent i still depends on the whole image, and the decoder still sees only the kept prefix.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ class TiTok(ImageTokenizer):
     def __init__(self, quantizer: Quantizer, image_size: int = 64, patch_size: int = 8,
                  num_latents: int = 32, width: int = 192, heads: int = 4, encoder_layers: int = 4,
                  decoder_layers: int = 4, stem: str = "conv",
-                 conv_channels: tuple[int, ...] = (32, 64, 128)):
+                 conv_channels: tuple[int, ...] = (32, 64, 128), shortcut: int = 0):
         super().__init__(image_size, quantizer, num_latents)
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -54,6 +62,15 @@ class TiTok(ImageTokenizer):
         self.mask_token = nn.Parameter(scale * torch.randn(1, 1, width))
         self.decoder_pos = nn.Parameter(scale * torch.randn(1, n_patches, width))
         self.decoder = Transformer(width, decoder_layers, heads)
+        self.shortcut = int(shortcut)
+        if self.shortcut:
+            r = self.shortcut
+            self.grid_narrow = nn.Linear(width, r)
+            self.grid_to_latents = nn.Linear(n_patches * r, num_latents * r)
+            self.latent_widen = nn.Linear(r, width)
+            # the decoder's map reads each kept latent's code and a "kept" flag
+            self.latents_to_grid = nn.Linear(num_latents * (quantizer.dim + 1), n_patches * r)
+            self.grid_widen = nn.Linear(r, width)
 
     # encoder attention: hook for tokenizers that restrict what a latent may see (FlexTok)
     def encoder_mask(self, device) -> torch.Tensor | None:
@@ -62,7 +79,12 @@ class TiTok(ImageTokenizer):
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         b = images.shape[0]
         patches = self.stem(images * 2 - 1).flatten(2).transpose(1, 2) + self.patch_pos
-        x = torch.cat([patches, self.latent_tokens.expand(b, -1, -1)], dim=1)
+        latents = self.latent_tokens.expand(b, -1, -1)
+        if self.shortcut:
+            narrow = self.grid_narrow(patches).flatten(1)
+            latents = latents + self.latent_widen(
+                self.grid_to_latents(narrow).view(b, self.num_latents, self.shortcut))
+        x = torch.cat([patches, latents], dim=1)
         x = self.encoder(x, self.encoder_mask(images.device))
         return self.to_code(x[:, -self.num_latents:])
 
@@ -78,6 +100,12 @@ class TiTok(ImageTokenizer):
         n_patches = self.grid * self.grid
         lat, visible = self.latent_inputs(latents, keep)
         grid = (self.mask_token + self.decoder_pos).expand(b, -1, -1)
+        if self.shortcut:
+            kept = (torch.arange(self.num_latents, device=latents.device)[None, :]
+                    < keep[:, None]).to(latents.dtype)
+            codes = torch.cat([latents * kept[..., None], kept[..., None]], dim=-1).flatten(1)
+            grid = grid + self.grid_widen(
+                self.latents_to_grid(codes).view(b, n_patches, self.shortcut))
         x = torch.cat([grid, lat], dim=1)
         keys = torch.cat([torch.ones(b, n_patches, dtype=torch.bool, device=x.device), visible], 1)
         x = self.decoder(x, keys[:, None, None, :])
