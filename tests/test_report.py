@@ -210,3 +210,18 @@ def test_report_of_a_real_decode_sweep(tiny_lm_dir, tmp_path):
     assert len(json.loads(out)["figures"]) == 2
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| ar |" in md and "| hf |" in md
+
+
+def test_labels_name_a_method_by_its_own_options_only_where_they_differ(tmp_path):
+    from tokctl.report import label_runs, load_records
+
+    for i, (method, opts) in enumerate([("ar", {}), ("lookup", {"max_ngram": 3}),
+                                        ("recycling", {"k": 4}), ("recycling", {"k": 8})]):
+        make_run(tmp_path / str(i), "decode",
+                 {"method": {"name": method, **opts}, "max_new_tokens": 64 * (1 + i % 2)},
+                 {"speedup": 1.0})
+    records = load_records([tmp_path])
+    label_runs(records)
+    assert [r.label for r in records] == ["ar, max_new_tokens=64", "lookup, max_new_tokens=128",
+                                          "recycling, k=4, max_new_tokens=64",
+                                          "recycling, k=8, max_new_tokens=128"]

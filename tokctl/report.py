@@ -270,18 +270,34 @@ def _path_order(run: Path) -> tuple:
 
 
 def label_runs(records) -> None:
-    """Name each run by the settings that set it apart (``tome, r=8``); the folder otherwise."""
+    """Name each run by the settings that set it apart (``tome, r=8``); the folder otherwise.
+
+    A setting only some runs have (a method's own options) names a run only where it differs
+    between runs of that same method: ``recycling`` against ``lookup`` needs no more words.
+    """
     keys = varying_keys([r.config for r in records])
-    keys.sort(key=lambda k: not (k.endswith(".name") or k == "method"))  # names first
-    last = [k.split(".")[-1] for k in keys]
+    names = [k for k in keys if k.endswith(".name") or k == "method"]
+    groups = tuple(k[: -len("name")] for k in names if k.endswith(".name"))  # "method."
+    keys.sort(key=lambda k: 0 if k in names else 1 if k.startswith(groups) else 2)
+
+    def kind(r) -> tuple:
+        return tuple(str(r.config.get(k)) for k in names)
+
+    shared = [k for k in keys if all(r.config.get(k) is not None for r in records)]
+    own = {}
+    for group in {kind(r) for r in records}:
+        members = [r for r in records if kind(r) == group]
+        own[group] = [k for k in varying_keys([r.config for r in members]) if k not in shared]
     counts: dict[str, int] = {}
     for r in records:
+        shown = [k for k in keys if k in shared or k in own[kind(r)]]
+        last = [k.split(".")[-1] for k in shown]
         parts = []
-        for k, short in zip(keys, last):
+        for k, short in zip(shown, last):
             v = r.config.get(k)
             if v is None:  # a setting this run's method does not have
                 continue
-            if k.endswith(".name") or k == "method":
+            if k in names:
                 parts.append(str(v))
             else:
                 parts.append(f"{short if last.count(short) == 1 else k}={fmt(v)}")
