@@ -697,7 +697,8 @@ def _print_summary(sweep_dir: Path, summary: dict[str, Any], spec_keys, invocati
 
     rows = [r for r in summary["points"] if r["in_grid"]]
     keys = _swept_keys(rows)
-    metric_names = list(dict.fromkeys(k for r in rows for k in r["metrics"]))[:3]
+    metric_names = list(dict.fromkeys(k for r in rows for k, v in r["metrics"].items()
+                                      if v is not None))[:3]
     table = Table(title=f"sweep: {len(rows)} points in {invocation.get('wall_s', 0):.1f} s "
                         f"({summary['launcher']})")
     table.add_column("#", justify="right")
