@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokctl.decode.methods.lookup import DepthStats, find_continuation
+from tokctl.decode.methods.lookup import MatchStats, find_continuation
 from tokctl.decode.methods.recycling import TokenRecycling
 from tokctl.decode.speculative import Draft
 from tokctl.decode.trees import CandidateTree
@@ -25,8 +25,9 @@ class Hybrid(TokenRecycling):
                  budget: Any = "auto", max_nodes: int = 80, **recycling: Any):
         super().__init__(budget=budget, max_nodes=max_nodes, **recycling)
         self.max_ngram, self.min_ngram, self.max_chain = int(max_ngram), int(min_ngram), int(max_chain)
-        self.chain_stats = DepthStats(self.max_chain)
+        self.chain_stats = MatchStats(self.max_chain, self.max_ngram)
         self._chain_nodes: list[int] = []
+        self._matched = 0
 
     def snapshot(self):
         return (super().snapshot(), self.chain_stats.state())
@@ -37,9 +38,11 @@ class Hybrid(TokenRecycling):
 
     def propose(self, tokens, settings, generator) -> Draft:
         tree = CandidateTree()
-        chain, _ = find_continuation(tokens, self.max_ngram, self.min_ngram, self.max_chain)
+        chain, self._matched = find_continuation(tokens, self.max_ngram, self.min_ngram,
+                                                 self.max_chain)
         chain_nodes = []
-        for t, score in zip(chain, self.chain_stats.cumulative()):
+        scores = self.chain_stats.cumulative(self._matched) if chain else []
+        for t, score in zip(chain, scores):
             chain_nodes.append(tree.add(t, chain_nodes[-1] if chain_nodes else -1, score))
         self.add_recycled(tree, tokens[-1])
         n = self.choose_size(tree.ranked_scores())
@@ -58,8 +61,8 @@ class Hybrid(TokenRecycling):
                 if node != chain_node:
                     break
                 on_chain += 1
-            self.chain_stats.update(len(self._chain_nodes), on_chain)
+            self.chain_stats.update(self._matched, len(self._chain_nodes), on_chain)
 
     def run_info(self) -> dict:
         return {**super().run_info(),
-                "chain_depth_acceptance": [round(x, 4) for x in self.chain_stats.cumulative()]}
+                "chain_acceptance_by_match": self.chain_stats.summary()}
