@@ -183,3 +183,38 @@ def test_ctrl_c_keeps_finished_samples(tiny_lm_dir, tmp_path):
     assert b"Traceback" not in err
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["partial"] is True and metrics["num_samples"] == len(lines)
+
+
+def test_draft_model_by_folder(tiny_lm_dir, tmp_path):
+    code, out = tokctl(*tiny(tiny_lm_dir, tmp_path, "method=draft", f"draft_model={tiny_lm_dir}",
+                             "baseline=ar", "data.limit=2", "method.budget=3"))
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["identical_to_baseline"] == 1.0
+    assert metrics["mean_accepted_tokens"] > 2.0  # the target drafting for itself
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["draft_model_source"].startswith("path:")
+
+
+def test_method_needing_a_draft_model_fails_in_one_line(tiny_lm_dir, tmp_path):
+    code, out = tokctl(*tiny(tiny_lm_dir, tmp_path, "method=rsd"))
+    assert code == 2 and "draft_model=" in one_error_line(out)
+
+
+def test_also_runs_several_methods_on_the_same_samples(tiny_lm_dir, tmp_path):
+    code, out = tokctl(*tiny(tiny_lm_dir, tmp_path, "method=recycling", "also=[lookup,hybrid]",
+                             "baseline=ar", "data.limit=2", "method.budget=4"))
+    assert code == 0, out
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["also"]) == {"lookup", "hybrid"}
+    for m in [metrics, *metrics["also"].values()]:
+        assert m["identical_to_baseline"] == 1.0 and m["num_samples"] == 2
+    row = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
+    assert set(row["also"]) == {"lookup", "hybrid"}
+    assert (run / "decode_speedup.png").is_file()
+
+
+def test_also_needs_a_baseline(tiny_lm_dir, tmp_path):
+    code, out = tokctl(*tiny(tiny_lm_dir, tmp_path, "also=[lookup]", "baseline=null"))
+    assert code == 2 and "baseline" in one_error_line(out)

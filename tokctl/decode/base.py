@@ -27,7 +27,7 @@ class DecodingMethod:
     """Subclasses set ``name`` and implement ``generate``; ``setup`` gets the shared target."""
 
     name = "method"
-    needs_target = True  # False for methods that call model.generate themselves
+    needs_draft = False  # True for methods that need draft_model=
 
     def setup(self, target, loaded) -> None:  # noqa: ARG002 - loaded: models.loading.LoadedModel
         self.target = target

@@ -170,6 +170,10 @@ def run(cfg, run) -> dict[str, Any]:
     if also and baseline is None:
         raise UserError("also=[...] compares extra methods against the baseline: set baseline=NAME")
 
+    for m in [method, *also, *([baseline] if baseline else [])]:
+        if m.needs_draft and not cfg.get("draft_model"):
+            raise UserError(f"method={m.name} needs a draft model: add draft_model=NAME (a model "
+                            f"config such as smollm2-135m, a folder, a .gguf file or a hub id)")
     loaded = load_causal_lm(cfg.model)
     if cfg.get("draft_model"):
         loaded.draft = load_causal_lm(draft_model_config(str(cfg.draft_model), cfg.model))

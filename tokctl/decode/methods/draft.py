@@ -25,6 +25,7 @@ from tokctl.errors import UserError
 
 class DraftChain(SpeculativeMethod, SizedDrafts):
     name = "draft"
+    needs_draft = True
 
     def __init__(self, max_tokens: int = 8, budget: Any = "auto", draft_backend: str = "auto"):
         super().__init__()

@@ -25,6 +25,7 @@ from tokctl.errors import UserError
 
 class DySpec(SpeculativeMethod, SizedDrafts):
     name = "dyspec"
+    needs_draft = True
 
     def __init__(self, max_nodes: int = 32, width: int = 4, rounds: int = 6, children: int = 4,
                  budget: Any = "auto", draft_backend: str = "auto"):

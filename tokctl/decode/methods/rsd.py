@@ -30,6 +30,7 @@ def gumbel_top_k(q: torch.Tensor, k: int, generator) -> list[int]:
 
 class RecursiveSpeculative(SpeculativeMethod):
     name = "rsd"
+    needs_draft = True
 
     def __init__(self, branching: list[int] | tuple[int, ...] = (2, 2, 1, 1),
                  draft_backend: str = "auto"):

@@ -1,0 +1,36 @@
+"""The wheel carries the configs (as tokctl/_conf) and the kernels, so an installed tokctl finds
+them without a source checkout."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_wheel_contains_configs_and_kernels(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT),
+                           "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wheel = next(tmp_path.glob("tokctl-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "tokctl/_conf/decode/decode.yaml" in names
+    assert "tokctl/_conf/decode/method/recycling.yaml" in names
+    assert "kernels/tree_attention.py" in names
+    assert "tokctl/decode/prompts/builtin.jsonl" in names
+
+
+def test_conf_root_prefers_the_packed_copy(tmp_path, monkeypatch):
+    import tokctl.config as config
+
+    monkeypatch.delenv(config.CONF_ENV, raising=False)
+    fake_pkg = tmp_path / "tokctl"
+    (fake_pkg / "_conf" / "decode").mkdir(parents=True)
+    monkeypatch.setattr(config, "__file__", str(fake_pkg / "config.py"))
+    assert config.conf_root() == (fake_pkg / "_conf").resolve()
+    monkeypatch.setenv(config.CONF_ENV, str(tmp_path))
+    assert config.conf_root() == tmp_path.resolve()
