@@ -48,6 +48,8 @@ def test_parse_request_splits_resume_and_hydra_overrides():
     assert parse_request(["+resume=false"]).resume is None
     with pytest.raises(UserError, match="hydra.sweep.dir"):
         parse_request(["hydra.run.dir=/x"])
+    with pytest.raises(UserError, match="names the point folders itself"):
+        parse_request(["hydra.sweep.subdir=x"])
 
 
 def test_plan_gives_each_point_a_stable_folder():
@@ -100,6 +102,10 @@ def test_a_typo_in_any_point_fails_before_any_folder(tiny_lm_dir, tmp_path):
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "nonexistent" in lines[0]
     assert not any(tmp_path.iterdir())
+    code, out = tokctl(*tiny(tiny_lm_dir, "method=ar,hf", "hydra/launcher=nope",
+                             f"runs_dir={tmp_path}"))
+    assert code == 2 and "available options in 'hydra/launcher'" in out and "slurm_gpu" in out
+    assert "search path" not in out and not any(tmp_path.iterdir())
 
 
 def test_resume_skips_completed_and_reruns_failed_points(tiny_lm_dir, tmp_path):

@@ -79,6 +79,9 @@ def parse_request(overrides: list[str]) -> Request:
                             "hydra.sweep.dir=PATH")
         elif o.startswith("hydra.sweep.dir="):
             sweep_dir = value
+        elif o.startswith("hydra.sweep.subdir="):
+            raise UserError("hydra.sweep.subdir: tokctl names the point folders itself (0, 1, ...; "
+                            "sweep.json maps them to their overrides)")
         elif o.startswith(("hydra.", "hydra/", "+hydra.", "++hydra.")):
             hydra_overrides.append(o)
         else:
@@ -151,6 +154,7 @@ def _launcher_error(req: Request, exc: Exception) -> UserError:
     if "hydra/launcher" in msg and not _submitit_available():
         return UserError(f"hydra/launcher={choice} needs the submitit launcher plugin: "
                          f"pip install 'tokctl[slurm]' (that is, hydra-submitit-launcher)")
+    msg = msg.split(" Config search path:")[0]  # Hydra's list of folders: noise here
     return UserError(msg.replace("Available options in", "; available options in"))
 
 
