@@ -167,7 +167,7 @@ class PointTask:
 
     def __init__(self, job, sweep_dir: Path):
         self.job = job
-        self.sweep_dir = str(sweep_dir)
+        self.sweep_dir = str(Path(sweep_dir).resolve())  # hydra.job.chdir=true moves the cwd
         self.parent_pid = os.getpid()
 
     def __call__(self, cfg) -> str:
@@ -556,7 +556,7 @@ def run_sweep(job, overrides: list[str]) -> SweepResult:
 
             master = master_config(str(sweep_dir))
             kind = launcher_kind(master)
-            extra = _thread_share(kind, to_run, configs, grid, points)
+            extra = _thread_share(kind, to_run, configs, points)
             summary = dict(earlier or {})
             summary.update(command=job.command, spec=req.spec, launcher=_launcher_name(master),
                            state="running")
@@ -637,7 +637,7 @@ def _launcher_name(master) -> str:
     return str(choice.get("hydra/launcher") or launcher_kind(master))
 
 
-def _thread_share(kind: str, to_run: list[Point], configs, grid, points) -> dict[int, str]:
+def _thread_share(kind: str, to_run: list[Point], configs, points: list[Point]) -> dict[int, str]:
     """Parallel local jobs split this machine's CPUs, so that ``threads=auto`` does not put
     N jobs x all cores on it; the choice is written into each point's config."""
     if kind != "local" or len(to_run) < 2:
