@@ -218,3 +218,19 @@ def test_also_runs_several_methods_on_the_same_samples(tiny_lm_dir, tmp_path):
 def test_also_needs_a_baseline(tiny_lm_dir, tmp_path):
     code, out = tokctl(*tiny(tiny_lm_dir, tmp_path, "also=[lookup]", "baseline=null"))
     assert code == 2 and "baseline" in one_error_line(out)
+
+
+def test_early_exit_self_draft(tiny_lm_dir, tmp_path):
+    code, out = tokctl(*tiny(tiny_lm_dir, tmp_path, "method=dyspec", "draft_model=self:1",
+                             "baseline=ar", "data.limit=2", "method.budget=4"))
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["identical_to_baseline"] == 1.0
+    assert "first 1 layers" in metrics["method_info"]["draft_model"]
+
+
+def test_early_exit_layer_out_of_range(tiny_lm_dir, tmp_path):
+    code, out = tokctl(*tiny(tiny_lm_dir, tmp_path, "method=draft", "draft_model=self:7"))
+    # Known only once the model is loaded: the error is the last line, after the load notice.
+    assert code == 2 and "Traceback" not in out
+    assert out.strip().splitlines()[-1].startswith("error: draft_model=self:7")

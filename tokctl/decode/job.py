@@ -69,6 +69,19 @@ def draft_model_config(value: str, model_cfg):
     return cfg
 
 
+def early_exit_draft(loaded, value: str):
+    """`draft_model=self:N`: the target's first N layers, its final norm and head, as the draft
+    (self-speculation by early exit; the weights are shared, not copied)."""
+    from dataclasses import replace
+
+    try:
+        layers = int(value.split(":", 1)[1])
+    except ValueError:
+        raise UserError(f"draft_model={value}: write self:N with N a number of layers") from None
+    return replace(loaded, source=f"{loaded.source} (first {layers} layers)",
+                   info={**loaded.info, "exit_layer": layers}, draft=None)
+
+
 def build_method(method_cfg) -> DecodingMethod:
     from hydra.utils import instantiate
 
@@ -175,7 +188,9 @@ def run(cfg, run) -> dict[str, Any]:
             raise UserError(f"method={m.name} needs a draft model: add draft_model=NAME (a model "
                             f"config such as smollm2-135m, a folder, a .gguf file or a hub id)")
     loaded = load_causal_lm(cfg.model)
-    if cfg.get("draft_model"):
+    if str(cfg.get("draft_model") or "").startswith("self:"):
+        loaded.draft = early_exit_draft(loaded, str(cfg.draft_model))
+    elif cfg.get("draft_model"):
         loaded.draft = load_causal_lm(draft_model_config(str(cfg.draft_model), cfg.model))
         run.update_env(draft_model_source=loaded.draft.source,
                        draft_model_load_s=round(loaded.draft.load_s, 3))

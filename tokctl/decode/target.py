@@ -124,9 +124,9 @@ class Target:
 class FastTarget(Target):
     backend = "fast"
 
-    def __init__(self, model, tokenizer, attention=None):
+    def __init__(self, model, tokenizer, attention=None, exit_layer: int | None = None):
         super().__init__(model, tokenizer)
-        self.fast = fast_llama.FastLlama(model, attention=attention)
+        self.fast = fast_llama.FastLlama(model, attention=attention, exit_layer=exit_layer)
         self.cache = self.fast.new_cache(512)
 
     def _reset(self, capacity: int) -> None:
@@ -212,7 +212,16 @@ class HFTarget(Target):
 BACKENDS = ("auto", "fast", "hf")
 
 
-def make_target(model, tokenizer, backend: str = "auto", attention=None) -> Target:
+def make_target(model, tokenizer, backend: str = "auto", attention=None,
+                exit_layer: int | None = None) -> Target:
+    if exit_layer:
+        n_layers = model.config.num_hidden_layers
+        if not fast_llama.supports(model):
+            raise UserError(f"early exit (draft_model=self:N) needs a Llama-architecture model, "
+                            f"not {model.config.model_type}")
+        if not 1 <= exit_layer < n_layers:
+            raise UserError(f"draft_model=self:{exit_layer}: choose N from 1 to {n_layers - 1}")
+        return FastTarget(model, tokenizer, attention=attention, exit_layer=exit_layer)
     if backend not in BACKENDS:
         raise UserError(f"model.backend={backend} is not one of {', '.join(BACKENDS)}")
     if backend == "fast" and not fast_llama.supports(model):

@@ -104,7 +104,8 @@ def parse_token_file(tok: LoadedTokenizer, path: Path) -> tokfile.TokenFile:
 
 
 # ------------------------------------------------------------------------------------ commands
-TOKENIZER_HELP = "Tokenizer file (.pt) or train run folder; default: the embedded one."
+TOKENIZER_HELP = ("Tokenizer file (.pt), train run folder or TiTok release folder; default: the "
+                  "embedded one.")
 
 
 def encode_command(images: List[Path] = typer.Argument(..., help="Images to encode."),

@@ -62,7 +62,9 @@ class StaticKVCache:
 class FastLlama:
     """Forward over a :class:`StaticKVCache`; ``attention`` is swappable (e.g. a Triton kernel)."""
 
-    def __init__(self, model, attention=None):
+    def __init__(self, model, attention=None, exit_layer: int | None = None):
+        """``exit_layer``: run only the first N decoder layers, then the final norm and head
+        (early exit: the same model as its own cheaper draft)."""
         if not supports(model):
             raise ValueError(f"FastLlama does not support {type(model).__name__}")
         self.model = model
@@ -70,7 +72,7 @@ class FastLlama:
         self.cfg = cfg
         inner = model.model
         self.embed = inner.embed_tokens.weight
-        self.layers = list(inner.layers)
+        self.layers = list(inner.layers)[:exit_layer] if exit_layer else list(inner.layers)
         self.norm = inner.norm
         self.lm_head = model.lm_head.weight
         self.num_heads = cfg.num_attention_heads
