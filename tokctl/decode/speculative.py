@@ -23,7 +23,6 @@ Verification rules (all lossless):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -61,23 +60,12 @@ class Draft:
         self.parents.append(int(parent))
         return len(self.tokens) - 1
 
-    def child(self, parent: int, token: int) -> int | None:
-        for i, (t, p) in enumerate(zip(self.tokens, self.parents)):
-            if p == parent and t == token:
-                return i
-        return None
-
     def children(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
         for i, p in enumerate(self.parents):
             out.setdefault(p, []).append(i)
         return out
 
-    def depth(self) -> int:
-        d = [0] * len(self.parents)
-        for i, p in enumerate(self.parents):
-            d[i] = 1 if p < 0 else d[p] + 1
-        return max(d, default=0)
 
 
 def _normalise(p: torch.Tensor) -> torch.Tensor:
@@ -197,9 +185,6 @@ class SpeculativeMethod(DecodingMethod):
     def observe(self, tokens: list[int], draft: Draft, logits: torch.Tensor, path: list[int],
                 bonus: int) -> None:
         """After verification: ``logits[0]`` is the root's, ``logits[1 + i]`` draft node i's."""
-
-    def __init__(self) -> None:
-        self.stats: dict[str, Any] = {}
 
     def generate(self, prompt_ids: list[int], settings: Settings,
                  generator: torch.Generator | None) -> Generation:
