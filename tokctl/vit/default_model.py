@@ -49,6 +49,9 @@ def load(path: str | Path | None = None, dtype=None):
     import torch
     from transformers import ViTForImageClassification
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per problem on stderr, not a loading bar
     folder = Path(path).expanduser() if path else WEIGHTS
     if not (folder / "config.json").is_file():
         raise UserError(f"no trained default ViT in {folder}; train one with "

@@ -257,7 +257,9 @@ def _dtype(name: str | None):
 
 def load_hf(id_or_path: str, dtype: str | None = None) -> nn.Module:
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     path = Path(id_or_path).expanduser()
     local = path.exists()
     if local and not (path / "config.json").is_file():
