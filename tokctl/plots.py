@@ -9,7 +9,8 @@ Data each one reads (keys of metrics.json; config keys in brackets):
 
 - decode: ``per_category.<category>.{speedup, speedup_q25, speedup_q75, mean_accepted_tokens}``
   and the same keys at the top level (the overall figure), ``baseline``.
-- compress-vit: ``images_per_s``, ``baseline_images_per_s``, ``gflops``, ``baseline_gflops``,
+- compress-vit: ``speedup`` (else ``images_per_s``, ``baseline_images_per_s``), ``gflops``,
+  ``baseline_gflops``,
   ``top1`` and ``baseline_top1`` (or ``agreement`` where images have no labels),
   [``method.name``, ``method.r``].
 - tokenize-image (eval): ``entries``: a list with one entry per codec and budget,
@@ -166,9 +167,15 @@ def compress_vit_figures(runs: list[RunRecord], out: Path) -> list[Figure]:
     ykey, ylabel = ("top1", "top-1 accuracy (%)") if labelled else \
         ("agreement", "top-1 agreement with the uncompressed model (%)")
     figures = []
+    # Throughput as the speedup measured against the uncompressed model in the same run
+    # (interleaved batches): images/s of separate runs differ with the machine's load.
+    if any(_num(r.metrics.get("speedup")) is not None for r in runs):
+        speed = ("speedup", None, "throughput over the uncompressed model's, same run "
+                                  "(x, higher is faster)")
+    else:
+        speed = ("images_per_s", "baseline_images_per_s", "throughput (images/s, higher is faster)")
     for xkey, base_key, xlabel, fname, what in (
-            ("images_per_s", "baseline_images_per_s", "throughput (images/s, higher is faster)",
-             "compress_vit_accuracy_vs_throughput.png", "throughput"),
+            (*speed, "compress_vit_accuracy_vs_throughput.png", "throughput"),
             ("gflops", "baseline_gflops", "GFLOPs per image (lower is cheaper)",
              "compress_vit_accuracy_vs_flops.png", "FLOPs")):
         pts = [r for r in runs if _num(r.metrics.get(xkey)) is not None
@@ -189,8 +196,8 @@ def compress_vit_figures(runs: list[RunRecord], out: Path) -> list[Figure]:
                 level = _level_of(r)
                 if level:
                     ax.annotate(level, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        base = [(_num(r.metrics.get(base_key)), _num(r.metrics.get(f"baseline_{ykey}")
-                                                      if ykey == "top1" else 1.0)) for r in pts]
+        base = [(_num(r.metrics.get(base_key)) if base_key else 1.0,
+                 _num(r.metrics.get(f"baseline_{ykey}")) if ykey == "top1" else 1.0) for r in pts]
         base = [(x, y) for x, y in base if x is not None and y is not None]
         if base:
             bx = sum(x for x, _ in base) / len(base)
