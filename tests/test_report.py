@@ -225,3 +225,16 @@ def test_labels_name_a_method_by_its_own_options_only_where_they_differ(tmp_path
     assert [r.label for r in records] == ["ar, max_new_tokens=64", "lookup, max_new_tokens=128",
                                           "recycling, k=4, max_new_tokens=64",
                                           "recycling, k=8, max_new_tokens=128"]
+
+
+def test_methods_measured_together_in_one_run_each_get_their_bars(tmp_path):
+    metrics = decode_metrics({"code": 1.2, "math": 1.1}, 1.4)
+    metrics.update(method="recycling", also={"lookup": decode_metrics({"code": 1.6, "math": 1.3}, 1.9),
+                                             "hybrid": decode_metrics({"code": 1.8, "math": 1.2}, 2.1)})
+    make_run(tmp_path / "run", "decode", {"method": {"name": "recycling"}, "also": ["lookup", "hybrid"]},
+             metrics)
+    code, out = tokctl("report", tmp_path / "run", "--out", tmp_path / "rep")
+    assert code == 0, out
+    rows = [ln.split(" | ")[0] for ln in (tmp_path / "rep" / "report.md").read_text().splitlines()
+            if ln.startswith("| ") and not ln.startswith("| run")]
+    assert rows == ["| hybrid", "| lookup", "| recycling"]  # ranked by overall speedup

@@ -306,6 +306,27 @@ def label_runs(records) -> None:
         r.label = label if counts[label] == 1 else f"{label} #{counts[label]}"
 
 
+def expand_also(runs):
+    """A decode run with ``also=[...]`` measured several methods against one baseline,
+    interleaved: each becomes a record of its own (``metrics["also"][name]``)."""
+    from dataclasses import replace
+
+    from tokctl.plots import RunRecord
+
+    out, many = [], len(runs) > 1
+    for r in runs:
+        extra = r.metrics.get("also") or {}
+        if not extra:
+            out.append(r)
+            continue
+        tag = f" [{r.label}]" if many else ""
+        out.append(replace(r, label=f"{r.metrics.get('method') or r.label}{tag}"))
+        for name, m in extra.items():
+            out.append(RunRecord(r.path, r.command, r.status, r.config,
+                                 {**m, "baseline": r.metrics.get("baseline")}, f"{name}{tag}"))
+    return out
+
+
 def _short_value(v: Any) -> str:
     """A path shown by its last two parts: the label of a run, not its address."""
     text = fmt(v)
@@ -334,6 +355,8 @@ def write_report(paths: list[Path], out: Path, as_json: bool = False) -> dict[st
     for command, runs in sorted(by_command.items()):
         done = [r for r in runs if r.status == "completed" and r.metrics]
         label_runs(done)
+        if command == "decode":
+            done = expand_also(done)
         md += [f"## {command}: {len(runs)} run(s)", ""]
         plotter = PLOTTERS.get(command)
         figures = plotter(done, out) if plotter and done else []
