@@ -233,3 +233,13 @@ def test_early_exit_layer_out_of_range(tiny_lm_dir, tmp_path):
     # Known only once the model is loaded: the error is the last line, after the load notice.
     assert code == 2 and "Traceback" not in out
     assert out.strip().splitlines()[-1].startswith("error: draft_model=self:7")
+
+
+def test_also_takes_variants_of_one_method(tiny_lm_dir, tmp_path):
+    code, out = tokctl(*tiny(tiny_lm_dir, tmp_path, "method=recycling", "method.budget=2",
+                             "also=[{method:recycling,budget:6,label:big},{method:lookup,max_tokens:3}]",
+                             "baseline=ar", "data.limit=1"))
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["also"]) == {"big", "lookup(max_tokens=3)"}
+    assert metrics["also"]["big"]["method_info"]["budget"] == 6

@@ -82,6 +82,23 @@ def early_exit_draft(loaded, value: str):
                    info={**loaded.info, "exit_layer": layers}, draft=None)
 
 
+def extra_method(item) -> DecodingMethod:
+    """One entry of `also=[...]`: a method config name, or a mapping naming one (``method``) with
+    options to change and an optional ``label``: also=[lookup,{method:recycling,budget:80}]."""
+    if isinstance(item, str):
+        m = build_method(method_config(item))
+        m.label = item
+        return m
+    if not OmegaConf.is_dict(item) or "method" not in item:
+        raise UserError(f"also: {item} is neither a method name nor a mapping with a `method` key")
+    options = {k: v for k, v in OmegaConf.to_container(item).items() if k not in ("method", "label")}
+    cfg = OmegaConf.merge(method_config(str(item["method"])), options)
+    m = build_method(cfg)
+    m.label = str(item.get("label") or item["method"] + "(" + ",".join(
+        f"{k}={v}" for k, v in options.items()) + ")")
+    return m
+
+
 def build_method(method_cfg) -> DecodingMethod:
     from hydra.utils import instantiate
 
@@ -176,10 +193,11 @@ def run(cfg, run) -> dict[str, Any]:
     baseline_name = cfg.get("baseline")
     method = build_method(cfg.method)
     baseline = build_method(method_config(str(baseline_name))) if baseline_name else None
-    also_names = [str(n) for n in (cfg.get("also") or [])]
-    if len(set(also_names)) < len(also_names) or method.name in also_names:
-        raise UserError(f"also={also_names}: list each extra method once, and not the main method")
-    also = [build_method(method_config(n)) for n in also_names]
+    also = [extra_method(item) for item in (cfg.get("also") or [])]
+    labels = [m.label for m in also]
+    if len(set(labels)) < len(labels) or method.name in labels:
+        raise UserError(f"also={labels}: give each extra method once (a `label` tells variants of "
+                        f"one method apart), and not the main method")
     if also and baseline is None:
         raise UserError("also=[...] compares extra methods against the baseline: set baseline=NAME")
 
@@ -208,7 +226,7 @@ def run(cfg, run) -> dict[str, Any]:
     chat = cfg.data.get("chat_template", "auto")
     device = loaded.info["device"]
     runners = [Runner("method", method, loaded, chat, device)]
-    runners += [Runner(m.name, m, loaded, chat, device) for m in also]
+    runners += [Runner(m.label, m, loaded, chat, device) for m in also]
     if baseline is not None:
         runners.append(Runner("baseline", baseline, loaded, chat, device))
     for r in runners:
@@ -226,7 +244,7 @@ def run(cfg, run) -> dict[str, Any]:
             r.method.restore(snap)
 
     rows: list[dict[str, Any]] = []
-    title = f"decode {method.name}" + "".join(f", {m.name}" for m in also)
+    title = f"decode {method.name}" + "".join(f", {m.label}" for m in also)
     title += f" vs {baseline.name}" if baseline else ""
     try:
         with progress_bar(title, len(prompts)) as advance:
@@ -240,7 +258,8 @@ def run(cfg, run) -> dict[str, Any]:
                 if baseline is not None:
                     row["baseline"] = results["baseline"]
                 if also:
-                    row["also"] = {m.name: _against(results[m.name], results["baseline"]) for m in also}
+                    row["also"] = {m.label: _against(results[m.label], results["baseline"])
+                                   for m in also}
                 run.append_sample(row)
                 rows.append(row)
                 advance(info=_progress_info(rows))
@@ -292,9 +311,9 @@ def _metrics(rows, method, baseline, also, settings, partial: bool = False) -> d
     if also:
         metrics["also"] = {}
         for m in also:
-            extra_rows = [{**r["also"][m.name], "index": r["index"], "category": r["category"],
+            extra_rows = [{**r["also"][m.label], "index": r["index"], "category": r["category"],
                            "baseline": r["baseline"]} for r in rows if "also" in r]
-            metrics["also"][m.name] = {**aggregate(extra_rows, has_baseline=True),
+            metrics["also"][m.label] = {**aggregate(extra_rows, has_baseline=True),
                                        "method_info": m.run_info()}
     metrics.update(method=method.name, baseline=baseline.name if baseline else None,
                    temperature=settings.sampling.temperature, max_new_tokens=settings.max_new_tokens,
