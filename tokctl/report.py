@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -203,7 +204,7 @@ def rank(rows: list[tuple[dict, dict, dict]], metric: str, ascending: bool | Non
 
 def runs_compare(paths: list[Path], metrics: list[str] | None = None, as_json: bool = False,
                  ascending: bool | None = None) -> None:
-    runs = _runs_from(paths)
+    runs = sorted(_runs_from(paths), key=_path_order)  # ties keep the grid's order
     summaries = [run_summary(r) for r in runs]
     commands = {s["command"] for s in summaries}
     if len(commands) > 1:
@@ -211,7 +212,7 @@ def runs_compare(paths: list[Path], metrics: list[str] | None = None, as_json: b
                         f"compare runs of one command at a time")
     configs = [flatten(load_config(r)) for r in runs]
     flat_metrics = [flatten(read_json(r / "metrics.json") or {}) for r in runs]
-    varying = varying_keys(configs)
+    varying = Settings.of(configs).columns()
     if metrics:
         shown = list(metrics)
         missing = [m for m in shown if not any(m in fm for fm in flat_metrics)]
@@ -269,35 +270,55 @@ def _path_order(run: Path) -> tuple:
     return (str(run.parent), int(run.name) if run.name.isdigit() else -1, run.name)
 
 
+@dataclass
+class Settings:
+    """The config keys that tell runs apart. A key only some runs have (a method's own option)
+    counts only where it differs between runs of that same method: ``recycling`` against
+    ``lookup`` needs no more words than their names."""
+
+    keys: list[str]  # names first, then the methods' own options, then the rest
+    names: list[str]  # method.name and the like
+    shared: list[str]  # differing keys every run has
+    own: dict[tuple, list[str]]  # per kind of run (its names): its options that differ
+
+    @classmethod
+    def of(cls, configs: list[dict[str, Any]]) -> "Settings":
+        keys = varying_keys(configs)
+        names = [k for k in keys if k.endswith(".name") or k == "method"]
+        groups = tuple(k[: -len("name")] for k in names if k.endswith(".name"))  # "method."
+        keys.sort(key=lambda k: 0 if k in names else 1 if k.startswith(groups) else 2)
+        shared = [k for k in keys if all(c.get(k) is not None for c in configs)]
+        settings = cls(keys, names, shared, {})
+        for kind in {settings.kind(c) for c in configs}:
+            members = [c for c in configs if settings.kind(c) == kind]
+            settings.own[kind] = [k for k in varying_keys(members) if k not in shared]
+        return settings
+
+    def kind(self, config: dict[str, Any]) -> tuple:
+        return tuple(str(config.get(k)) for k in self.names)
+
+    def of_run(self, config: dict[str, Any]) -> list[str]:
+        own = self.own.get(self.kind(config), [])
+        return [k for k in self.keys if k in self.shared or k in own]
+
+    def columns(self) -> list[str]:
+        own = {k for ks in self.own.values() for k in ks}
+        return [k for k in self.keys if k in self.shared or k in own]
+
+
 def label_runs(records) -> None:
-    """Name each run by the settings that set it apart (``tome, r=8``); the folder otherwise.
-
-    A setting only some runs have (a method's own options) names a run only where it differs
-    between runs of that same method: ``recycling`` against ``lookup`` needs no more words.
-    """
-    keys = varying_keys([r.config for r in records])
-    names = [k for k in keys if k.endswith(".name") or k == "method"]
-    groups = tuple(k[: -len("name")] for k in names if k.endswith(".name"))  # "method."
-    keys.sort(key=lambda k: 0 if k in names else 1 if k.startswith(groups) else 2)
-
-    def kind(r) -> tuple:
-        return tuple(str(r.config.get(k)) for k in names)
-
-    shared = [k for k in keys if all(r.config.get(k) is not None for r in records)]
-    own = {}
-    for group in {kind(r) for r in records}:
-        members = [r for r in records if kind(r) == group]
-        own[group] = [k for k in varying_keys([r.config for r in members]) if k not in shared]
+    """Name each run by the settings that set it apart (``tome, r=8``); the folder otherwise."""
+    settings = Settings.of([r.config for r in records])
     counts: dict[str, int] = {}
     for r in records:
-        shown = [k for k in keys if k in shared or k in own[kind(r)]]
+        shown = settings.of_run(r.config)
         last = [k.split(".")[-1] for k in shown]
         parts = []
         for k, short in zip(shown, last):
             v = r.config.get(k)
             if v is None:  # a setting this run's method does not have
                 continue
-            if k in names:
+            if k in settings.names:
                 parts.append(str(v))
             else:
                 parts.append(f"{short if last.count(short) == 1 else k}={_short_value(v)}")
