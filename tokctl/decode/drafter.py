@@ -112,3 +112,13 @@ def require_draft(method_name: str, loaded) -> object:
         raise UserError(f"method={method_name} needs a draft model: add draft_model=NAME "
                         f"(a model config such as smollm2-135m, a folder, a .gguf file or a hub id)")
     return draft
+
+
+def shared_vocab_drafter(method_name: str, loaded, backend: str) -> DraftModel:
+    """The draft of a method whose verification needs the draft's probabilities over the
+    target's own vocabulary."""
+    drafter = DraftModel(require_draft(method_name, loaded), loaded.tokenizer, backend)
+    if not drafter.shared_vocab:
+        raise UserError(f"method={method_name} needs a draft model with the target's vocabulary "
+                        f"(or draft_model=self:N); method=draft takes one with another tokenizer")
+    return drafter

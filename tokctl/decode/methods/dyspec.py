@@ -16,7 +16,7 @@ import heapq
 from typing import Any
 
 from tokctl.decode.budget import SizedDrafts
-from tokctl.decode.drafter import DraftModel, require_draft
+from tokctl.decode.drafter import shared_vocab_drafter
 from tokctl.decode.sampling import Sampling
 from tokctl.decode.speculative import Draft, SpeculativeMethod
 from tokctl.decode.trees import CandidateTree
@@ -38,11 +38,7 @@ class DySpec(SpeculativeMethod, SizedDrafts):
 
     def setup(self, target, loaded) -> None:
         super().setup(target, loaded)
-        self.drafter = DraftModel(require_draft(self.name, loaded), loaded.tokenizer,
-                                  self.draft_backend)
-        if not self.drafter.shared_vocab:
-            raise UserError("method=dyspec needs a draft model with the target's vocabulary; "
-                            "use method=draft for a draft with another tokenizer")
+        self.drafter = shared_vocab_drafter(self.name, loaded, self.draft_backend)
         self.setup_budget(target, loaded)
 
     def _scores(self, logits, settings):

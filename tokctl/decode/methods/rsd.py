@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tokctl.decode.drafter import DraftModel, require_draft
+from tokctl.decode.drafter import shared_vocab_drafter
 from tokctl.decode.sampling import Sampling
 from tokctl.decode.speculative import DETERMINISTIC, WITHOUT_REPLACEMENT, Draft, SpeculativeMethod
 from tokctl.errors import UserError
@@ -42,10 +42,7 @@ class RecursiveSpeculative(SpeculativeMethod):
 
     def setup(self, target, loaded) -> None:
         super().setup(target, loaded)
-        self.drafter = DraftModel(require_draft(self.name, loaded), loaded.tokenizer,
-                                  self.draft_backend)
-        if not self.drafter.shared_vocab:
-            raise UserError(f"method={self.name} needs a draft model with the target's vocabulary")
+        self.drafter = shared_vocab_drafter(self.name, loaded, self.draft_backend)
 
     def children(self, q, count: int, settings, generator) -> list[int]:
         if settings.sampling.greedy:
