@@ -1,0 +1,66 @@
+"""End to end through the `tokctl` console script on the embedded default tokenizer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tokctl.imagetok.checkpoint import DEFAULT_TOKENIZER, load_tokenizer
+
+pytestmark = pytest.mark.slow
+TOKCTL = [sys.executable, "-m", "tokctl.cli"]
+
+
+def tokctl(*args, cwd):
+    return subprocess.run([*TOKCTL, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_default_ships_small():
+    assert DEFAULT_TOKENIZER.stat().st_size < 20 * 2**20
+    tok = load_tokenizer()
+    assert tok.model.variable_length and tok.model.max_tokens == 64
+    assert tok.model.codebook_size == 4096
+
+
+def test_encode_decode_encode_on_the_default(tmp_path):
+    import skimage.data
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    Image.fromarray(skimage.data.astronaut()).save(photos / "astronaut.png")
+    Image.fromarray(skimage.data.coffee()).resize((120, 80)).save(photos / "coffee.jpg")
+    (photos / "notes.png").write_text("not an image")
+    res = tokctl("tokenize-image", "encode", *sorted(photos.iterdir()), "--out", tmp_path / "tok",
+                 "--tokens", "48", cwd=tmp_path)
+    assert res.returncode == 1 and "notes.png" in res.stderr and "Traceback" not in res.stderr
+    tok_files = sorted((tmp_path / "tok").glob("*.tok"))
+    assert [p.name for p in tok_files] == ["astronaut.tok", "coffee.tok"]
+    # 48 x 12 bits = 72 bytes of ids; the header is 8 bytes for sides under 128 px (varints)
+    assert [p.stat().st_size for p in tok_files] == [82, 80]
+
+    res = tokctl("tokenize-image", "decode", *tok_files, "--out", tmp_path / "png", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert Image.open(tmp_path / "png" / "coffee.png").size == (120, 80)
+
+    # the same image encodes to the same bytes, and the file holds exactly those tokens
+    again = tokctl("tokenize-image", "encode", photos / "astronaut.png", "--out", tmp_path / "t2",
+                   "--tokens", "48", cwd=tmp_path)
+    assert again.returncode == 0
+    assert (tmp_path / "t2" / "astronaut.tok").read_bytes() == tok_files[0].read_bytes()
+
+
+def test_eval_on_the_default(tmp_path):
+    res = tokctl("tokenize-image", "eval", "data.limit=3", "rfid=false", "speed_repeats=1",
+                 "threads=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    rows = [e for e in m["entries"] if e["codec"] == "onedpiece"]
+    assert [e["tokens"] for e in rows] == [8, 16, 32, 64]
+    assert [e["bytes_per_image"] for e in rows] == [20, 32, 56, 104]
+    assert {e["codec"] for e in m["entries"]} == {"onedpiece", "jpeg", "webp"}
+    assert (tmp_path / "run" / "rate_distortion.png").exists()
