@@ -38,6 +38,7 @@ JOBS: dict[str, Job] = {
         Job("decode", "decode", "decode", "tokctl.decode.job:run",
             "Decode prompts with a method (speculative, sparse, ...) beside a baseline.",
             ("tokctl decode", "tokctl decode method=ar baseline=hf data.limit=4",
+             "tokctl decode method=recycling also=[lookup] model.dtype=bfloat16",
              "tokctl decode model=hf model.id=HuggingFaceTB/SmolLM2-360M-Instruct",
              "tokctl decode -m method=ar,hf")),
         Job("compress-vit", "compress_vit", "compress_vit", "tokctl.vit.job:run",

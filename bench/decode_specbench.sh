@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The decode figures of the closing note: every training-free method against `ar` on Spec-Bench
+# (4 prompts per category, 128 new tokens), greedy and at temperature 0.7, in float32 and
+# bfloat16. All methods of one configuration run in the same process, interleaved sample by sample.
+# Usage: bash bench/decode_specbench.sh [QUESTIONS.jsonl] [OUT_DIR] [THREADS]
+set -euo pipefail
+SB=${1:-../shared/data/spec_bench/question.jsonl}
+OUT=${2:-runs/bench}
+THREADS=${3:-1}
+for dtype in float32 bfloat16; do
+  for temp in 0.0 0.7; do
+    tokctl decode method=hybrid "also=[recycling,lookup,{method:recycling,budget:80,label:recycling-80}]" \
+      baseline=ar data=jsonl data.path="$SB" data.per_category=4 max_new_tokens=128 \
+      model.dtype=$dtype temperature=$temp threads="$THREADS" verify_cost=measure \
+      hydra.run.dir="$OUT/$dtype-t$temp"
+  done
+done
