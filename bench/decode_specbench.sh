@@ -7,9 +7,11 @@ set -euo pipefail
 SB=${1:-../shared/data/spec_bench/question.jsonl}
 OUT=${2:-runs/bench}
 THREADS=${3:-1}
-for dtype in float32 bfloat16; do
-  for temp in 0.0 0.7; do
-    tokctl decode method=hybrid "also=[recycling,lookup,{method:recycling,budget:80,label:recycling-80}]" \
+for temp in 0.0 0.7; do
+  for dtype in bfloat16 float32; do
+    # The paper-sized recycling tree (80 nodes) for its acceptance figure, greedy only.
+    extra=$([ "$temp" = 0.0 ] && echo ",{method:recycling,budget:80,label:recycling-80}" || true)
+    tokctl decode method=hybrid "also=[recycling,lookup$extra]" \
       baseline=ar data=jsonl data.path="$SB" data.per_category=4 max_new_tokens=128 \
       model.dtype=$dtype temperature=$temp threads="$THREADS" verify_cost=measure \
       hydra.run.dir="$OUT/$dtype-t$temp"
