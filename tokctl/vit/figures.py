@@ -39,6 +39,10 @@ def default_plan() -> list[tuple[str, list[str]]]:
     plan += [(f"evit-k{k}", ["method=evit", f"method.keep_rate={k}"]) for k in (0.7, 0.5)]
     plan += [(f"diffrate-at-tome-r{r}", ["method=diffrate", f"method.target_flops={tome_flops_ratio(r)}"])
              for r in TOME_LEVELS]
+    # A longer search with a larger rate step: closer to what the paper's search length allows.
+    plan += [(f"diffrate300-at-tome-r{r}", ["method=diffrate", f"method.target_flops={tome_flops_ratio(r)}",
+                                            "method.search.steps=300", "method.search.lr=0.1",
+                                            "method.search.min_lr=0.01"]) for r in TOME_LEVELS]
     plan += [(f"cluster-{g}x{g}", ["method=cluster", f"method.clusters=[{g},{g}]", "method.cluster_after=1"])
              for g in (10, 8)]
     plan += [(f"tsm-k{k}", ["method=tsm", f"method.checkpoint=fashion-vit-tsm-k{k}.pt"]) for k in (0.75, 0.55)]
