@@ -8,7 +8,18 @@ from tokctl.errors import UserError
 @pytest.mark.parametrize("kind", ["titok", "onedpiece", "flexnested", "vq2d"])
 @pytest.mark.parametrize("quantizer", ["fsq", "vq", "rvq"])
 def test_train_step_and_token_shapes(kind, quantizer, images):
-    model, _ = make_tiny(kind, quantizer)
+    check_train_step_and_tokens(make_tiny(kind, quantizer)[0], images)
+
+
+@pytest.mark.parametrize("kind", ["titok", "onedpiece", "flexnested"])
+@pytest.mark.parametrize("quantizer", ["fsq", "vq", "rvq"])
+def test_linear_mixer_train_step_and_token_shapes(kind, quantizer, images):
+    model, _ = make_tiny(kind, quantizer, mixer="linear")
+    assert not hasattr(model, "encoder") and not hasattr(model, "decoder")
+    check_train_step_and_tokens(model, images)
+
+
+def check_train_step_and_tokens(model, images):
     model.train()
     recon, q = model(images, quantize=False)  # autoencoder warm-up
     assert q is None and recon.shape == images.shape
@@ -25,9 +36,10 @@ def test_train_step_and_token_shapes(kind, quantizer, images):
     assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
 
 
+@pytest.mark.parametrize("mixer", ["attention", "linear"])
 @pytest.mark.parametrize("kind", ["onedpiece", "flexnested"])
-def test_variable_length_decodes_any_prefix(kind, images):
-    model, _ = make_tiny(kind, "fsq")
+def test_variable_length_decodes_any_prefix(kind, mixer, images):
+    model, _ = make_tiny(kind, "fsq", mixer=mixer)
     tokens = model.encode(images)
     outs = [model.decode(tokens[:, :n]) for n in range(1, model.max_tokens + 1)]
     assert all(o.shape == images.shape for o in outs)
@@ -35,6 +47,7 @@ def test_variable_length_decodes_any_prefix(kind, images):
     other = tokens.clone()
     other[:, 3:] = (other[:, 3:] + 1) % model.codebook_size
     torch.testing.assert_close(model.decode(other[:, :3]), outs[2])
+    assert not torch.allclose(model.decode(other), outs[-1])  # and the tail is read when kept
 
 
 def test_tail_drop_and_nested_keep_counts():
@@ -70,6 +83,8 @@ def test_bad_shapes_are_rejected():
     model, _ = make_tiny("onedpiece", "fsq")
     with pytest.raises(ValueError):
         model.decode(torch.zeros(1, model.max_tokens + 1, dtype=torch.long))
+    with pytest.raises(UserError, match="mixer must be"):
+        make_tiny("onedpiece", "fsq", mixer="mlp")
 
 
 def test_ms_ssim_matches_the_reference_at_five_scales(monkeypatch):

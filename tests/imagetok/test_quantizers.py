@@ -68,3 +68,13 @@ def test_rvq_residual_stages_and_partial_embed():
     err = [(z - q.embed(torch.where(torch.arange(3) < d, out.ids, -1))).pow(2).mean()
            for d in (1, 2, 3)]
     assert err[0] >= err[1] >= err[2]  # each stage refines what the previous left
+
+
+def test_fsq_two_levels_and_extreme_inputs_stay_in_range():
+    q = FSQ((2, 3, 8))
+    z = torch.tensor([[[-50.0, -50.0, -50.0], [50.0, 50.0, 50.0], [0.0, 0.0, 0.0]]])
+    out = q(z)
+    assert torch.isfinite(out.values).all() and torch.isfinite(q.relax(z)).all()
+    assert out.ids.min() >= 0 and out.ids.max() < q.codebook_size
+    assert out.ids[0, 0, 0] == 0 and out.ids[0, 1, 0] == q.codebook_size - 1  # the corners
+    torch.testing.assert_close(q.embed(out.ids), out.values)

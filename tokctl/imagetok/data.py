@@ -95,13 +95,16 @@ def to_image(x: torch.Tensor) -> Image.Image:
 # ------------------------------------------------------------------------------------ training
 class CropSampler:
     """Random square crops (side log-uniform between ``size`` and the photo's short side), resized
-    to ``size``, flipped left-right half the time. Photos are kept in memory at most
-    ``max_side`` pixels on their short side."""
+    to ``size``, flipped left-right half the time, and turned grey with probability
+    ``grayscale`` (the wallpapers are all in colour; black-and-white photos are not rare). Photos
+    are kept in memory at most ``max_side`` pixels on their short side."""
 
     def __init__(self, folders: list[str], size: int, max_side: int = 384, seed: int = 0,
-                 min_photos: int = 1, photos: list[Image.Image] | None = None):
+                 min_photos: int = 1, photos: list[Image.Image] | None = None,
+                 grayscale: float = 0.0):
         self.size = size
         self.rng = random.Random(seed)
+        self.grayscale = float(grayscale)
         if photos is not None:  # another sampler's photos, drawn with another seed
             self.photos, self.files = photos, []
             return
@@ -137,6 +140,8 @@ class CropSampler:
                            else Image.BOX if side > 4 * self.size else Image.LANCZOS)
         if self.rng.random() < 0.5:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.grayscale and self.rng.random() < self.grayscale:
+            crop = crop.convert("L").convert("RGB")
         return crop
 
     def batch(self, n: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Building blocks shared by the tokenizers: a pre-norm transformer, and the convolutional stem
-and pixel decoder that wrap it (a 64x64 image <-> an 8x8 grid of features)."""
+"""Building blocks shared by the tokenizers: a pre-norm transformer, the convolutional stem and
+pixel decoder that wrap it (a 64x64 image <-> an 8x8 grid of features), and the linear maps
+between a feature grid and K token slots (the transformer's cheap stand-in)."""
 
 from __future__ import annotations
 
@@ -114,3 +115,37 @@ class PatchDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(self.proj(x), self.patch)
+
+
+class GridToTokens(nn.Module):
+    """Feature grid (B, C, g, g) -> K token vectors (B, K, dim): one learned linear map of the
+    whole flattened grid, so every token may read every position (as a latent token's attention
+    over the patches may), at the cost of one matrix product."""
+
+    def __init__(self, channels: int, grid: int, tokens: int, dim: int):
+        super().__init__()
+        self.tokens, self.dim = tokens, dim
+        self.proj = nn.Linear(channels * grid * grid, tokens * dim)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.proj(grid.flatten(1)).view(grid.shape[0], self.tokens, self.dim)
+
+
+class TokensToGrid(nn.Module):
+    """K token vectors of which the first ``keep[b]`` are present -> feature grid (B, C, g, g).
+
+    One learned linear map reads each token's vector (zeros where dropped) and a "present" flag,
+    so the grid is a bias plus one learned pattern per kept token: every extra token adds to
+    what the prefix before it drew, and nothing past ``keep`` is seen."""
+
+    def __init__(self, tokens: int, dim: int, channels: int, grid: int):
+        super().__init__()
+        self.tokens, self.channels, self.grid = tokens, channels, grid
+        self.proj = nn.Linear(tokens * (dim + 1), channels * grid * grid)
+
+    def forward(self, latents: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b = latents.shape[0]
+        present = (torch.arange(self.tokens, device=latents.device)[None, :]
+                   < keep[:, None]).to(latents.dtype)[..., None]
+        x = torch.cat([latents * present, present], dim=-1).flatten(1)
+        return self.proj(x).view(b, self.channels, self.grid, self.grid)

@@ -84,7 +84,8 @@ def run(cfg, run: Run) -> dict:
     resume = _load_resume(cfg.resume) if cfg.get("resume") else None
     config = resume["tokenizer"] if resume else tokenizer_config(cfg)
     sampler = CropSampler(list(cfg.data.folders), int(config["image_size"]),
-                          max_side=int(cfg.data.max_side), seed=int(cfg.seed))
+                          max_side=int(cfg.data.max_side), seed=int(cfg.seed),
+                          grayscale=float(cfg.data.get("grayscale") or 0.0))
     model = build_tokenizer(config)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.99),
                             weight_decay=t.weight_decay)

@@ -6,6 +6,11 @@ Differences from One-D-Piece's tail drop, as in FlexTok:
 - the number kept is drawn from the powers of two 1, 2, 4, ..., K (uniformly over that set);
 - dropped registers are not removed but replaced by one learned mask token, which the decoder
   sees in their place.
+
+With ``mixer="linear"`` there is no attention to restrict: each token is its own linear read of
+the grid, so a prefix is self-contained by construction, and the decoder's map gives every
+dropped token a learned "absent" input (the weights of its present flag) in place of the mask
+token. What then tells the two methods apart is which prefix lengths training draws.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ class FlexNested(TiTok):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        width = self.latent_pos.shape[-1]
-        self.dropped_token = nn.Parameter(width ** -0.5 * torch.randn(1, 1, width))
+        if self.mixer == "attention":
+            width = self.latent_pos.shape[-1]
+            self.dropped_token = nn.Parameter(width ** -0.5 * torch.randn(1, 1, width))
         keeps, k = [], 1
         while k < self.num_latents:
             keeps.append(k)

@@ -16,6 +16,13 @@ mask-token decoder carries no image information at all (its queries are identica
 image and attention is uniform), and on a CPU budget of a few thousand steps it never learns to
 route it; the linear path carries the coarse image from the first step, and attention refines.
 Latent i still depends on the whole image, and the decoder still sees only the kept prefix.
+
+``mixer="linear"`` keeps only such a path, at full rank, and drops both transformers: the K
+tokens are one learned linear map of the whole flattened feature grid, and the decoder's grid is
+one learned linear map of the kept tokens (:class:`GridToTokens`, :class:`TokensToGrid`). Still
+1D (every token describes the whole image; none belongs to a grid cell), and far cheaper: on a
+CPU budget it is what learns (the embedded default uses it). ``heads``, the ``*_layers`` and
+``shortcut`` do not apply to it; ``width`` is the grid's channel count.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokctl.imagetok.layers import ConvDecoder, ConvStem, PatchDecoder, PatchStem, Transformer
+from tokctl.imagetok.layers import (ConvDecoder, ConvStem, GridToTokens, PatchDecoder, PatchStem,
+                                    TokensToGrid, Transformer)
 from tokctl.imagetok.models.base import ImageTokenizer
 from tokctl.imagetok.quantizers import Quantizer
 
@@ -34,8 +42,12 @@ class TiTok(ImageTokenizer):
     def __init__(self, quantizer: Quantizer, image_size: int = 64, patch_size: int = 8,
                  num_latents: int = 32, width: int = 192, heads: int = 4, encoder_layers: int = 4,
                  decoder_layers: int = 4, stem: str = "conv",
-                 conv_channels: tuple[int, ...] = (32, 64, 128), shortcut: int = 0):
+                 conv_channels: tuple[int, ...] = (32, 64, 128), shortcut: int = 0,
+                 mixer: str = "attention"):
         super().__init__(image_size, quantizer, num_latents)
+        if mixer not in ("attention", "linear"):
+            raise ValueError(f"mixer must be 'attention' or 'linear', not {mixer!r}")
+        self.mixer = mixer
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.grid = image_size // patch_size
@@ -52,6 +64,11 @@ class TiTok(ImageTokenizer):
             self.pixels = PatchDecoder(patch_size, width)
         else:
             raise ValueError(f"stem must be 'conv' or 'patch', not {stem!r}")
+        self.shortcut = 0
+        if mixer == "linear":
+            self.grid_to_tokens = GridToTokens(width, self.grid, num_latents, quantizer.dim)
+            self.tokens_to_grid = TokensToGrid(num_latents, quantizer.dim, width, self.grid)
+            return
         scale = width ** -0.5
         self.patch_pos = nn.Parameter(scale * torch.randn(1, n_patches, width))
         self.latent_tokens = nn.Parameter(scale * torch.randn(1, num_latents, width))
@@ -78,6 +95,8 @@ class TiTok(ImageTokenizer):
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         b = images.shape[0]
+        if self.mixer == "linear":
+            return self.grid_to_tokens(self.stem(images * 2 - 1))
         patches = self.stem(images * 2 - 1).flatten(2).transpose(1, 2) + self.patch_pos
         latents = self.latent_tokens.expand(b, -1, -1)
         if self.shortcut:
@@ -97,6 +116,8 @@ class TiTok(ImageTokenizer):
 
     def decode_latents(self, latents: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         b = latents.shape[0]
+        if self.mixer == "linear":
+            return (self.pixels(self.tokens_to_grid(latents, keep)) + 1) / 2
         n_patches = self.grid * self.grid
         lat, visible = self.latent_inputs(latents, keep)
         grid = (self.mask_token + self.decoder_pos).expand(b, -1, -1)

@@ -26,8 +26,9 @@ class FSQ(Quantizer):
 
     def _bound(self, z: torch.Tensor) -> torch.Tensor:
         # An even number of levels has no zero level: shift by half a step so the rounded
-        # values are the integers -L/2 .. L/2-1.
-        half = (self.levels - 1) * (1 - 1e-3) / 2
+        # values are the integers -L/2 .. L/2-1. The bound is a hair wider than (L-1)/2 (as in
+        # the paper's code): narrower, two levels would need atanh(>1) for their shift.
+        half = (self.levels - 1) * (1 + 1e-3) / 2
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
         shift = torch.atanh(offset / half)
         return torch.tanh(z + shift) * half - offset
