@@ -25,7 +25,10 @@ def collect(paths: list[Path]) -> list[dict]:
             except (OSError, json.JSONDecodeError):
                 continue
             if "speedup" in m and "gflops" in m:
-                m["_path"] = str(f.parent)
+                # Folders named "<method><variant>-<level>" (tokctl.vit.figures) plot one line per
+                # variant; others (a sweep's 0, 1, ...) one line per method.
+                head = f.parent.name.split("-")[0]
+                m["_group"] = head if head.startswith(str(m.get("method"))) else m.get("method")
                 rows.append(m)
     return rows
 
@@ -40,7 +43,7 @@ def tradeoff_figure(rows: list[dict], out: Path) -> Path:
     key, base_key = ("top1", "baseline_top1") if use_top1 else ("agreement", None)
     by_method = defaultdict(list)
     for r in rows:
-        by_method[r["method"]].append(r)
+        by_method[r.get("_group") or r["method"]].append(r)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method, rs in sorted(by_method.items()):
         rs.sort(key=lambda r: r["gflops"])
