@@ -37,9 +37,10 @@ def tome_flops_ratio(r: int) -> float:
 def default_plan() -> list[tuple[str, list[str]]]:
     plan = [(f"tome-r{r}", ["method=tome", f"method.r={r}"]) for r in TOME_LEVELS]
     plan += [(f"evit-k{k}", ["method=evit", f"method.keep_rate={k}"]) for k in (0.7, 0.5)]
-    plan += [(f"diffrate-at-tome-r{r}", ["method=diffrate", f"method.target_flops={tome_flops_ratio(r)}"])
-             for r in TOME_LEVELS]
-    # A longer search with a larger rate step: closer to what the paper's search length allows.
+    # A short search (150 steps) and the default one (300 steps, larger rate steps).
+    plan += [(f"diffrate-at-tome-r{r}", ["method=diffrate", f"method.target_flops={tome_flops_ratio(r)}",
+                                         "method.search.steps=150", "method.search.lr=0.05",
+                                         "method.search.min_lr=0.005"]) for r in TOME_LEVELS]
     plan += [(f"diffrate300-at-tome-r{r}", ["method=diffrate", f"method.target_flops={tome_flops_ratio(r)}",
                                             "method.search.steps=300", "method.search.lr=0.1",
                                             "method.search.min_lr=0.01"]) for r in TOME_LEVELS]

@@ -164,7 +164,7 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
         if where is not None:  # the training split: give the held-out images back to evaluation
             evaluated, _, _ = _split_indices(source, cfg, False)
         calib_note = where or calib_note
-        steps = int(cfg.method.get("search", {}).get("steps", 150))
+        steps = int(cfg.method.get("search", {}).get("steps", 300))
         console.print(f"{method.name}: searching compression rates on {calib_note} ({steps} steps)")
         with progress_bar("rate search", steps) as advance:
             def log(row):

@@ -289,7 +289,7 @@ class DiffRate(TokenMethod):
         """Learn the kept counts on calibration batches (pixels, labels or None). Without labels
         the uncompressed model's own predictions are the targets."""
         info = patch.info
-        cfg = {"steps": 150, "lr": 0.01, "min_lr": 0.001, "lambda_flops": 200.0, **self.search_cfg}
+        cfg = {"steps": 300, "lr": 0.1, "min_lr": 0.01, "lambda_flops": 200.0, **self.search_cfg}
         self.start_search(info)
         frozen = [p for p in patch.model.parameters() if p.requires_grad]
         for p in frozen:  # the backbone is frozen: only the rate distributions learn
