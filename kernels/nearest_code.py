@@ -32,7 +32,8 @@ if triton is not None:
     @triton.jit
     def _nearest_code_kernel(x_ptr, c_ptr, index_ptr, dist_ptr, N, K, D,
                              stride_xn, stride_xd, stride_ck, stride_cd,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                             IEEE: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -49,12 +50,19 @@ if triton is not None:
                 dims = d0 + tl.arange(0, BLOCK_D)
                 dim_ok = dims < D
                 xt = tl.load(x_ptr + rows[:, None] * stride_xn + dims[None, :] * stride_xd,
-                             mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+                             mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
                 ct = tl.load(c_ptr + codes[:, None] * stride_ck + dims[None, :] * stride_cd,
-                             mask=code_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-                dot += tl.sum(xt[:, None, :] * ct[None, :, :], axis=2)
-                c_norm += tl.sum(ct * ct, axis=1)
-                x_norm_tile += tl.sum(xt * xt, axis=1)
+                             mask=code_ok[:, None] & dim_ok[None, :], other=0.0)
+                # Tensor cores; fp32 inputs keep full fp32 products (TF32 would flip near-tied
+                # argmins that the reference resolves), half-precision ones multiply exactly in fp32.
+                if IEEE:
+                    dot += tl.dot(xt, tl.trans(ct), input_precision="ieee")
+                else:
+                    dot += tl.dot(xt, tl.trans(ct))
+                cf = ct.to(tl.float32)
+                xf = xt.to(tl.float32)
+                c_norm += tl.sum(cf * cf, axis=1)
+                x_norm_tile += tl.sum(xf * xf, axis=1)
             x_norm = x_norm_tile
             dist = c_norm[None, :] - 2.0 * dot
             dist = tl.where(code_ok[None, :], dist, float("inf"))
@@ -71,14 +79,17 @@ if triton is not None:
 def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, d = x.shape
     k = codebook.shape[0]
+    if codebook.dtype != x.dtype:
+        codebook = codebook.to(x.dtype)
     index = torch.empty(n, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
-    block_d = min(64, triton.next_power_of_2(max(d, 1)))
-    block_n, block_k = 16, 32
+    block_d = max(16, min(64, triton.next_power_of_2(max(d, 1))))  # tl.dot needs every dim >= 16
+    block_n, block_k = 64, 64
     grid = (triton.cdiv(n, block_n),)
     _nearest_code_kernel[grid](x, codebook, index, dist, n, k, d,
                                x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1),
-                               BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d)
+                               BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+                               IEEE=x.dtype == torch.float32)
     return index, dist
 
 
@@ -91,3 +102,18 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor,
         if triton is not None and use_triton(x, codebook) and x.shape[0] > 0:
             return nearest_code_triton(x.detach(), codebook.detach())
         return nearest_code_ref(x.detach(), codebook.detach())
+
+
+def bench_cases(device: str):
+    """Codebook searches of the image tokenizers: TiTok-like (4096 codes of 12 dims, 32 images x
+    256 latents) and a VQGAN-like 2D grid (16384 codes of 256 dims, 8 images x 1024 latents)."""
+    cases = []
+    for label, n, k, d, dtype in [("titok N8192 K4096 D12 fp32", 32 * 256, 4096, 12, torch.float32),
+                                  ("vqgan N8192 K16384 D256 fp32", 8 * 1024, 16384, 256, torch.float32),
+                                  ("vqgan N8192 K16384 D256 bf16", 8 * 1024, 16384, 256, torch.bfloat16)]:
+        g = torch.Generator(device=device).manual_seed(0)
+        codebook = torch.randn(k, d, device=device, generator=g, dtype=dtype)
+        x = torch.randn(n, d, device=device, generator=g, dtype=dtype)
+        cases.append((label, lambda x=x, c=codebook: nearest_code_triton(x, c),
+                      lambda x=x, c=codebook: nearest_code_ref(x, c)))
+    return cases

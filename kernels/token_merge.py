@@ -169,3 +169,19 @@ def token_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: in
     if triton is not None and use_triton(x, metric):
         return token_merge_triton(x, size, metric, r)
     return token_merge_ref(x, size, metric, r)
+
+
+def bench_cases(device: str):
+    """ToMe's merge step at the shapes of a ViT-B/16 at 224 px (197 tokens, 768 channels, r=13;
+    the metric is the 64-dim-per-head keys, 768 in all) and a ViT-L/16 at 384 px (577, 1024, r=8),
+    batch 64, in fp16 as ToMe's throughput runs are."""
+    cases = []
+    for label, batch, n, c, r in [("vit-b16 B64 N197 C768 r13 fp16", 64, 197, 768, 13),
+                                  ("vit-l16@384 B64 N577 C1024 r8 fp16", 64, 577, 1024, 8)]:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(batch, n, c, device=device, generator=g, dtype=torch.float16)
+        metric = torch.randn(batch, n, c, device=device, generator=g, dtype=torch.float16)
+        size = torch.ones(batch, n, 1, device=device, dtype=torch.float16)
+        cases.append((label, lambda x=x, s=size, m=metric, r=r: token_merge_triton(x, s, m, r),
+                      lambda x=x, s=size, m=metric, r=r: token_merge_ref(x, s, m, r)))
+    return cases

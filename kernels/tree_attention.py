@@ -27,6 +27,7 @@ if triton_available():
         n, prefix, group, scale,
         sqh, sqn, sqd, skh, skn, skd, svh, svn, svd, smi, smj, soh, son, sod,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         head = tl.program_id(0)
         block = tl.program_id(1)
@@ -48,8 +49,12 @@ if triton_available():
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
             v = tl.load(v_ptr + kv_head * svh + cols[:, None] * svn + dims[None, :] * svd,
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            # Products in the inputs' dtype, accumulated in fp32 (tensor cores for bf16).
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            # Products in the inputs' dtype, accumulated in fp32 (tensor cores for bf16). fp32 inputs
+            # get full fp32 products, not TF32: greedy exactness against plain decoding needs them.
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
             # Keys in the prefix are visible to every row; tree keys only where the mask says so.
             tree_col = cols - prefix
             in_tree = (tree_col >= 0) & col_ok
@@ -62,7 +67,10 @@ if triton_available():
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             m_i = m_new
         out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
         tl.store(out_ptr + head * soh + rows[:, None] * son + dims[None, :] * sod,
@@ -104,6 +112,7 @@ def tree_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pre
         q, k, v, mask, out, n, prefix, heads // kv_heads, 1.0 / math.sqrt(dim),
         *q.stride(), *k.stride(), *v.stride(), *mask.stride(), *out.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim), HEAD_DIM=dim,
+        IEEE=q.dtype == torch.float32,
     )
     return out
 

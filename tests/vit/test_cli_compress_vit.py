@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tokctl.vit import default_model
 
@@ -36,10 +37,22 @@ def test_default_run_writes_metrics_and_figure(tmp_path):
     assert (tmp_path / "run" / "merges.png").is_file()
 
 
+def test_half_precision_run_records_its_placement(tmp_path):
+    out = tokctl("compress-vit", *QUICK, "data.limit=16", "dtype=bfloat16", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (m["device"], m["dtype"]) == ("cpu", "bfloat16")
+    # bf16 rounding may flip a few argmaxes, not most of them
+    assert m["agreement"] > 0.5 and m["tokens_per_layer"][0] == 197
+
+
 @pytest.mark.parametrize("args,message", [
     (["method.r=60"], "too large"),
     (["data=folder", "data.path=EMPTY"], "holds no images"),
     (["model=hf", "model.path=BERT"], "not a ViT-family encoder"),
+    (["dtype=float8"], "dtype=float8 is not one of"),
+    (["device=gpu"], "device=gpu is not a torch device"),
+    *([(["device=cuda"], "no CUDA device here")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_inputs_are_one_line(tmp_path, args, message):
     (tmp_path / "empty").mkdir()

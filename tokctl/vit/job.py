@@ -144,7 +144,10 @@ def run(cfg, run) -> dict[str, Any]:
     for note in source.notes:
         console.print(f"[yellow]note[/]: {note}")
 
+    device, dtype = _placement(cfg)
+    model.to(device=device, dtype=dtype)
     compressed_model = method.prepare_model(model)
+    compressed_model.to(device=device, dtype=dtype)
     compressed_info = info if compressed_model is model else model_mod.describe(compressed_model)
     if compressed_model is not model:
         compressed_info.family = info.family
@@ -153,6 +156,34 @@ def run(cfg, run) -> dict[str, Any]:
         return _evaluate(cfg, run, method, model, info, compressed_info, patch, source, batch_size)
     finally:
         patch.remove()
+
+
+def _placement(cfg) -> tuple[torch.device, torch.dtype | None]:
+    name = str(cfg.get("device") or "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name} is not a torch device (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name}: no CUDA device here (use device=cpu)")
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    dtype = cfg.get("dtype")
+    if dtype is not None and str(dtype) not in dtypes:
+        raise UserError(f"dtype={dtype} is not one of {', '.join(dtypes)} (or null)")
+    return device, dtypes.get(str(dtype)) if dtype is not None else None
+
+
+def _model_input(images: torch.Tensor, info, like: torch.nn.Module) -> torch.Tensor:
+    """Normalised images on the model's device and in its dtype."""
+    weight = next(like.parameters())
+    return data_mod.to_model_input(images, info).to(device=weight.device, dtype=weight.dtype)
+
+
+def _sync(like: torch.nn.Module) -> None:
+    """Wait for queued GPU work, so that wall-clock times cover the forward they bracket."""
+    device = next(like.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -> dict[str, Any]:
@@ -199,18 +230,21 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
         if warmup > 0:
             first = next(source.batches(batch_size, evaluated[:batch_size]), None)
             if first is not None:
-                x = data_mod.to_model_input(first.images, info)
+                x = _model_input(first.images, info, model)
                 for _ in range(warmup):
                     baseline(x)
                     forward_comp(x)
         for b_index, batch in enumerate(source.batches(batch_size, evaluated)):
-            x = data_mod.to_model_input(batch.images, info)
+            x = _model_input(batch.images, info, model)
             order = ("base", "comp") if b_index % 2 == 0 else ("comp", "base")
             out, seconds = {}, {}
             for which in order:
+                _sync(model)
                 start = time.perf_counter()
                 out[which] = baseline(x) if which == "base" else forward_comp(x)
+                _sync(model)
                 seconds[which] = time.perf_counter() - start
+                out[which] = out[which].float().cpu()
             st = patch.last_state
             tokens_attn, tokens_mlp = list(st.tokens_attn), list(st.tokens_mlp)
             pred_b, pred_c = out["base"].argmax(-1), out["comp"].argmax(-1)
@@ -268,6 +302,8 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
         "output_cosine": None if info.num_labels else totals["kl"] / totals["n"],
         "tokens_per_layer": tokens_attn, "tokens_per_layer_mlp": tokens_mlp,
         "final_tokens": tokens_mlp[-1] if tokens_mlp else None,
+        "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch_size": int(cfg.batch_size), "timed_batches": len(ratios), "warmup_batches": int(cfg.warmup),
         "num_skipped": len(source.skipped), "skipped": [f"{n}: {why}" for n, why in list(source.skipped.items())[:50]],
         "data": source.description, "method_config": method.describe(), **fidelity, **search_info,
@@ -299,7 +335,7 @@ def _fidelity_and_figure(cfg, run, patch, info, cinfo, source, evaluated, baseli
     try:
         with torch.inference_mode():
             for batch in source.batches(int(cfg.batch_size), evaluated[:n]):
-                x = data_mod.to_model_input(batch.images, info)
+                x = _model_input(batch.images, info, patch.model)
                 baseline(x)
                 base_tokens = capture_base.tokens.float()
                 forward_comp(x)
@@ -307,7 +343,7 @@ def _fidelity_and_figure(cfg, run, patch, info, cinfo, source, evaluated, baseli
                 st = patch.last_state
                 src = st.source
                 for i in range(len(x)):
-                    owner = patch_owner(src[i], p)  # (N0 - p,)
+                    owner = patch_owner(src[i], p).to(comp_tokens.device)  # (N0 - p,)
                     ok = owner >= 0
                     mapped = comp_tokens[i, p:][owner.clamp_min(0)]
                     cos = F.cosine_similarity(mapped, base_tokens[i, p:], dim=-1)
