@@ -65,6 +65,21 @@ def test_greedy_is_exact(loaded, name, backend):
     assert total_steps <= total_new
 
 
+@pytest.mark.parametrize("name", ["recycling-fixed", "lookup", "hybrid"])
+def test_context_limit_stops_where_ar_stops(loaded, name):
+    """Near the end of the context, a draft's bonus token must not carry past the last position."""
+    target = make_target(loaded.model, loaded.tokenizer, "fast")
+    ar, method = Autoregressive(), METHODS[name]()
+    ar.setup(target, loaded)
+    method.setup(target, loaded)
+    room = 9
+    p = ([11, 12, 13, 14] * 200)[: target.max_positions - room]
+    ref = ar.generate(p, greedy(64), None)
+    out = method.generate(p, greedy(64), None)
+    assert len(ref.tokens) == room and ref.finish_reason == "context"
+    assert out.tokens == ref.tokens and out.finish_reason == "context"
+
+
 def test_recycling_learns_and_accepts_more_than_one(loaded):
     target = make_target(loaded.model, loaded.tokenizer)
     method = TokenRecycling(budget=16, max_nodes=16)

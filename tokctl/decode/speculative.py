@@ -204,8 +204,9 @@ class SpeculativeMethod(DecodingMethod):
                 reason = "context"
                 break
             draft = self.propose(tokens, settings, generator)
-            # A draft may not run past the context or ask for more than max_new_tokens needs.
-            draft = _clip(draft, min(room - len(out), settings.max_new_tokens - len(out)))
+            # A draft may not run past the context or ask for more than max_new_tokens needs; the
+            # bonus token after the accepted path takes the last free slot.
+            draft = _clip(draft, min(room, settings.max_new_tokens) - len(out) - 1)
             tree_tokens = [tokens[-1]] + draft.tokens
             tree_parents = [-1] + [p + 1 if p >= 0 else 0 for p in draft.parents]
             logits = target.forward(tree_tokens, tree_parents)
