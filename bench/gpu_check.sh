@@ -42,19 +42,27 @@ EOF
 step "verification cost at full model sizes"
 $py bench/gpu_decode.py --json "$out/verify_cost.json"
 
+# Run folders stay on the machine; their metrics come back as flat files (the device tool returns
+# at most 8 files, two folders down).
+runs=$(mktemp -d)
 if [ -n "$tiny" ]; then
   for dtype in float32 bfloat16; do
     step "tokctl decode on the GPU: tiny random Llama, hybrid vs ar, $dtype"
     $py -m tokctl.cli decode model=hf model.path="$tiny" model.device=cuda model.dtype=$dtype \
         method=hybrid baseline=ar also=[recycling,lookup] max_new_tokens=64 threads=4 \
-        hydra.run.dir="$out/decode-$dtype" 2>&1 | tail -25
+        hydra.run.dir="$runs/decode-$dtype" 2>&1 | tail -25
+    cp "$runs/decode-$dtype/metrics.json" "$out/decode-$dtype.json" 2>/dev/null
   done
 fi
 
-for r in 13 16; do
-  step "tokctl compress-vit on the GPU: ViT-B/16 random, fp16, batch 64, ToMe r=$r"
-  $py -m tokctl.cli compress-vit model=vit_b16_random data=synthetic data.num_images=1024 \
-      batch_size=64 device=cuda dtype=float16 method=tome method.r=$r warmup=3 threads=4 \
-      fidelity_images=16 vis.images=2 hydra.run.dir="$out/vit-tome-r$r" 2>&1 | tail -6
+# ToMe's r=13 on ViT-B/16 at a batch that fills the GPU, with the Triton merge and with the torch
+# reference merge (TOKCTL_TRITON=0), interleaved against the uncompressed model in each run.
+for kernel in triton torch; do
+  step "tokctl compress-vit on the GPU: ViT-B/16 random, fp16, batch 256, ToMe r=13, $kernel merge"
+  TOKCTL_TRITON=$([ $kernel = torch ] && echo 0 || echo auto) \
+  $py -m tokctl.cli compress-vit model=vit_b16_random data=synthetic data.num_images=2048 \
+      batch_size=256 device=cuda dtype=float16 method=tome method.r=13 warmup=3 threads=4 \
+      fidelity_images=16 vis.images=2 hydra.run.dir="$runs/vit-tome-$kernel" 2>&1 | tail -6
+  cp "$runs/vit-tome-$kernel/metrics.json" "$out/vit-tome-$kernel.json" 2>/dev/null
 done
 step done

@@ -98,20 +98,24 @@ def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix
 
 def tree_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
                           tree_mask: torch.Tensor | None, block_m: int = 16,
-                          block_n: int = 32) -> torch.Tensor:
+                          block_n: int | None = None) -> torch.Tensor:
     heads, n, dim = q.shape
     kv_heads = k.shape[0]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not group over {kv_heads} kv heads")
     if k.shape[1] != prefix + n:
         raise ValueError(f"keys hold {k.shape[1]} positions, expected prefix {prefix} + {n}")
+    if block_n is None:
+        # Measured on an H200 (64 tree tokens over 2048 cached): 128 keys a step for 64-dim heads
+        # (35 us against 52 us at 32), 64 for 128-dim heads (53 us against 69 us).
+        block_n = 128 if dim <= 64 else 64
     mask = _full_mask(n, tree_mask, q.device).to(torch.int8).contiguous()
     out = torch.empty_like(q)
     grid = (heads, triton.cdiv(n, block_m))
     _tree_attention_kernel[grid](
         q, k, v, mask, out, n, prefix, heads // kv_heads, 1.0 / math.sqrt(dim),
         *q.stride(), *k.stride(), *v.stride(), *mask.stride(), *out.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim), HEAD_DIM=dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(dim)), HEAD_DIM=dim,  # tl.dot: dims >= 16
         IEEE=q.dtype == torch.float32,
     )
     return out

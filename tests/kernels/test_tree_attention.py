@@ -20,6 +20,7 @@ def tree_mask(parents):
     (4, 2, 24, 37, [-1, 0, 1, 2, 0, 4, 1]),           # head_dim not a power of two
     (2, 2, 32, 0, [-1, 0, 1]),                        # no prefix at all
     (2, 1, 16, 19, list(range(-1, 20))),              # a chain longer than one query block
+    (4, 2, 8, 150, [-1, 0, 0, 1]),                    # head_dim under tl.dot's 16; keys over 2 blocks
 ])
 def test_kernel_matches_reference(force_triton, heads, kv_heads, dim, prefix, parents):
     g = torch.Generator().manual_seed(0)

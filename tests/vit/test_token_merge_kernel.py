@@ -29,6 +29,17 @@ def test_best_match_on_odd_shapes(force_triton):
     assert torch.equal(got_idx, ref_idx)
 
 
+def test_half_precision_matching_matches_reference(force_triton):
+    # fp16 products are exact in the fp32 accumulator: the same matches as the fp32 reference
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 70, 40, generator=g).half()
+    b = torch.randn(2, 69, 40, generator=g).half()
+    ref_max, ref_idx = tm.best_match_ref(a, b)
+    got_max, got_idx = tm.best_match_triton(a, b)
+    torch.testing.assert_close(got_max, ref_max, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got_idx, ref_idx)
+
+
 def test_merge_keeps_the_size_weighted_total():
     """Merging moves mass between tokens but never creates or loses it: sum(x * size) is kept."""
     g = torch.Generator().manual_seed(1)
