@@ -1,8 +1,6 @@
 """encode/decode through token files, and their error handling (library level and CLI)."""
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 

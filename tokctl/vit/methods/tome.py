@@ -10,7 +10,6 @@ registers) are never merged. The merge itself is ``kernels.token_merge``.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
