@@ -21,6 +21,7 @@ from tokctl.imagetok import baselines, fid, tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
 from tokctl.imagetok.codec import decode_files, encode_images
 from tokctl.imagetok.data import eval_images, to_image, to_tensor
+from tokctl.imagetok.models.base import prefix_budgets
 from tokctl.imagetok.losses import ms_ssim_per_image, psnr_per_image, ssim_per_image
 from tokctl.runs import Run
 
@@ -34,13 +35,7 @@ def token_budgets(model, budgets) -> list[int]:
             raise UserError(f"{model.name} is fixed-length ({model.max_tokens} tokens): "
                             f"leave budgets unset")
         return sorted({int(b) for b in budgets})
-    if not model.variable_length:
-        return [model.max_tokens]
-    out, n = [], 8
-    while n < model.max_tokens:
-        out.append(n)
-        n *= 2
-    return out + [model.max_tokens]
+    return prefix_budgets(model)
 
 
 def quality(recon: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -149,3 +149,17 @@ class TokensToGrid(nn.Module):
                    < keep[:, None]).to(latents.dtype)[..., None]
         x = torch.cat([latents * present, present], dim=-1).flatten(1)
         return self.proj(x).view(b, self.channels, self.grid, self.grid)
+
+
+def image_stem(stem: str, patch_size: int, conv_channels, width: int) -> tuple[nn.Module, nn.Module]:
+    """The pixels -> grid encoder and the grid -> pixels decoder of a tokenizer: strided convs
+    (``conv``, one halving per channel stage) or a linear patch embedding (``patch``)."""
+    if stem == "conv":
+        if 2 ** len(conv_channels) != patch_size:
+            raise ValueError(f"a conv stem with {len(conv_channels)} stages halves the image "
+                             f"{len(conv_channels)} times: patch_size must be "
+                             f"{2 ** len(conv_channels)}")
+        return ConvStem(tuple(conv_channels), width), ConvDecoder(tuple(conv_channels), width)
+    if stem == "patch":
+        return PatchStem(patch_size, width), PatchDecoder(patch_size, width)
+    raise ValueError(f"stem must be 'conv' or 'patch', not {stem!r}")

@@ -24,6 +24,7 @@ from tokctl.console import progress_bar
 from tokctl.errors import UserError
 from tokctl.imagetok.checkpoint import FORMAT, build_tokenizer, save_tokenizer, tokenizer_config
 from tokctl.imagetok.data import CropSampler
+from tokctl.imagetok.models.base import prefix_budgets
 from tokctl.imagetok.losses import psnr_per_image, reconstruction_loss, ssim_per_image
 from tokctl.runs import Run, atomic_torch_save
 
@@ -34,16 +35,6 @@ def learning_rate(step: int, cfg) -> float:
         return t.lr * (step + 1) / t.lr_warmup_steps
     frac = (step - t.lr_warmup_steps) / max(1, t.steps - t.lr_warmup_steps)
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-
-def prefix_budgets(model) -> list[int]:
-    if not model.variable_length:
-        return [model.max_tokens]
-    out, n = [], 8
-    while n < model.max_tokens:
-        out.append(n)
-        n *= 2
-    return out + [model.max_tokens]
 
 
 @torch.no_grad()

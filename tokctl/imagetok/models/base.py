@@ -82,3 +82,15 @@ class ImageTokenizer(nn.Module):
         latents = self.quantizer.embed(ids)
         keep = torch.full((b,), -(-n // depth), dtype=torch.long, device=tokens.device)
         return self.decode_latents(latents, keep).clamp(0, 1)
+
+
+def prefix_budgets(model: ImageTokenizer) -> list[int]:
+    """Token counts a tokenizer is measured at: 8, 16, 32, ... and its maximum for variable-length
+    tokenizers (any prefix decodes), the maximum alone for fixed-length ones."""
+    if not model.variable_length:
+        return [model.max_tokens]
+    out, n = [], 8
+    while n < model.max_tokens:
+        out.append(n)
+        n *= 2
+    return out + [model.max_tokens]

@@ -30,8 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokctl.imagetok.layers import (ConvDecoder, ConvStem, GridToTokens, PatchDecoder, PatchStem,
-                                    TokensToGrid, Transformer)
+from tokctl.imagetok.layers import GridToTokens, TokensToGrid, Transformer, image_stem
 from tokctl.imagetok.models.base import ImageTokenizer
 from tokctl.imagetok.quantizers import Quantizer
 
@@ -52,18 +51,7 @@ class TiTok(ImageTokenizer):
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.grid = image_size // patch_size
         n_patches = self.grid * self.grid
-        if stem == "conv":
-            if 2 ** len(conv_channels) != patch_size:
-                raise ValueError(f"a conv stem with {len(conv_channels)} stages halves the image "
-                                 f"{len(conv_channels)} times: patch_size must be "
-                                 f"{2 ** len(conv_channels)}")
-            self.stem = ConvStem(tuple(conv_channels), width)
-            self.pixels = ConvDecoder(tuple(conv_channels), width)
-        elif stem == "patch":
-            self.stem = PatchStem(patch_size, width)
-            self.pixels = PatchDecoder(patch_size, width)
-        else:
-            raise ValueError(f"stem must be 'conv' or 'patch', not {stem!r}")
+        self.stem, self.pixels = image_stem(stem, patch_size, conv_channels, width)
         self.shortcut = 0
         if mixer == "linear":
             self.grid_to_tokens = GridToTokens(width, self.grid, num_latents, quantizer.dim)

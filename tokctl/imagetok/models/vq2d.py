@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokctl.imagetok.layers import ConvDecoder, ConvStem, PatchDecoder, PatchStem, Transformer
+from tokctl.imagetok.layers import Transformer, image_stem
 from tokctl.imagetok.models.base import ImageTokenizer
 from tokctl.imagetok.quantizers import Quantizer
 
@@ -27,17 +27,7 @@ class VQ2D(ImageTokenizer):
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.grid = grid
-        if stem == "conv":
-            if 2 ** len(conv_channels) != patch_size:
-                raise ValueError(f"patch_size must be {2 ** len(conv_channels)} for a conv stem "
-                                 f"with {len(conv_channels)} stages")
-            self.stem = ConvStem(tuple(conv_channels), width)
-            self.pixels = ConvDecoder(tuple(conv_channels), width)
-        elif stem == "patch":
-            self.stem = PatchStem(patch_size, width)
-            self.pixels = PatchDecoder(patch_size, width)
-        else:
-            raise ValueError(f"stem must be 'conv' or 'patch', not {stem!r}")
+        self.stem, self.pixels = image_stem(stem, patch_size, conv_channels, width)
         scale = width ** -0.5
         self.pos = nn.Parameter(scale * torch.randn(1, grid * grid, width))
         self.encoder = Transformer(width, encoder_layers, heads)
