@@ -8,6 +8,7 @@ run folder. At the end the model is exported as fp16 safetensors + config.json t
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -34,6 +35,22 @@ def augment(images: torch.Tensor, shift: int, hflip: bool, generator: torch.Gene
         flip = torch.rand(n, generator=generator) < 0.5
         images = torch.where(flip[:, None, None], images.flip(-1), images)
     return images
+
+
+@functools.lru_cache(maxsize=1)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+def training_batch(step: int, images: torch.Tensor, batch_size: int, seed: int, shift: int,
+                   hflip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices and augmented, normalised images of training step ``step``. The data order is a
+    function of (seed, epoch) and the augmentation of (seed, step), so a resumed run sees exactly
+    the batches an uninterrupted one would have."""
+    epoch, within = divmod(step, len(images) // batch_size)
+    idx = _epoch_order(len(images), seed, epoch)[within * batch_size:(within + 1) * batch_size]
+    g = torch.Generator().manual_seed(seed * 7_919 + step)
+    return idx, fashion_mnist.normalise(augment(images[idx], shift, hflip, g))
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.0) -> float:
@@ -93,21 +110,13 @@ def run(cfg, run) -> dict:
                            "step": step}, run.file("checkpoint.pt"))
 
     model.train()
-    order, order_epoch = None, -1
     losses: list[float] = []
     started, seen = time.perf_counter(), 0
     try:
         with progress_bar("train", total) as advance:
             advance(step)
             while step < total:
-                epoch, within = divmod(step, steps_per_epoch)
-                if epoch != order_epoch:
-                    # The data order is a function of (seed, epoch): a resumed run sees the same.
-                    g = torch.Generator().manual_seed(int(cfg.seed) * 1000 + epoch)
-                    order, order_epoch = torch.randperm(len(train_x), generator=g), epoch
-                idx = order[within * tc.batch_size:(within + 1) * tc.batch_size]
-                g = torch.Generator().manual_seed(int(cfg.seed) * 7_919 + step)
-                x = fashion_mnist.normalise(augment(train_x[idx], tc.shift, tc.hflip, g))
+                idx, x = training_batch(step, train_x, tc.batch_size, int(cfg.seed), tc.shift, tc.hflip)
                 lr = cosine_lr(step, total, tc.lr, tc.warmup_steps, tc.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

@@ -29,7 +29,7 @@ from tokctl.vit import fashion_mnist
 from tokctl.vit import model as model_mod
 from tokctl.vit.methods.tsm import ReverseSlimming, SlimTokens
 from tokctl.vit.patch import Patch
-from tokctl.vit.train import augment, cosine_lr
+from tokctl.vit.train import cosine_lr, training_batch
 
 
 class _LayerOutputs:
@@ -110,15 +110,8 @@ def run(cfg, run) -> dict:
     try:
         with progress_bar("train-tsm", total) as advance:
             advance(step)
-            order, order_epoch = None, -1
             while step < total:
-                epoch, within = divmod(step, steps_per_epoch)
-                if epoch != order_epoch:
-                    g = torch.Generator().manual_seed(int(cfg.seed) * 1000 + epoch)
-                    order, order_epoch = torch.randperm(len(train_x), generator=g), epoch
-                idx = order[within * tc.batch_size:(within + 1) * tc.batch_size]
-                g = torch.Generator().manual_seed(int(cfg.seed) * 7_919 + step)
-                x = fashion_mnist.normalise(augment(train_x[idx], tc.shift, tc.hflip, g))
+                idx, x = training_batch(step, train_x, tc.batch_size, int(cfg.seed), tc.shift, tc.hflip)
                 with torch.no_grad():
                     t_logits = info.forward(x)
                 t_tokens = teacher_layers.take()
