@@ -62,3 +62,21 @@ def test_eval_on_the_default(tmp_path):
     assert [e["bytes_per_image"] for e in rows] == [20, 32, 56, 104]
     assert {e["codec"] for e in m["entries"]} == {"onedpiece", "jpeg", "webp"}
     assert (tmp_path / "run" / "rate_distortion.png").exists()
+
+
+def test_the_shipped_grid_tokenizer_by_name(tmp_path):
+    """--tokenizer vq2d: 64 tokens of 9 bits, an 80-byte file for a small image; decode finds the
+    shipped tokenizer that made a file by its hash."""
+    assert load_tokenizer("vq2d").model.codebook_size == 512
+    Image.new("RGB", (96, 64), (200, 120, 40)).save(tmp_path / "flat.png")
+    res = tokctl("tokenize-image", "encode", tmp_path / "flat.png", "--out", tmp_path / "tok",
+                 "--tokenizer", "vq2d", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "tok" / "flat.tok").stat().st_size == 80
+    res = tokctl("tokenize-image", "decode", tmp_path / "tok" / "flat.tok", "--out", tmp_path / "png",
+                 cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert Image.open(tmp_path / "png" / "flat.png").size == (96, 64)
+    res = tokctl("tokenize-image", "decode", tmp_path / "tok" / "flat.tok", "--out", tmp_path / "x",
+                 "--tokenizer", "default", cwd=tmp_path)
+    assert res.returncode == 1 and "made by another tokenizer" in res.stderr

@@ -107,3 +107,17 @@ def test_frechet_distance():
 def test_inception_features_shape():
     feats = fid.features(torch.rand(2, 3, 64, 64))
     assert feats.shape == (2, 2048) and np.isfinite(feats).all()
+
+
+def test_best_by_budget_counts_smaller_files_within_a_budget():
+    from tokctl.imagetok.evaluate import best_by_budget
+
+    entries = [
+        {"codec": "grid", "bytes_target": 80, "bytes_per_image": 80.0, "ssim": 0.49, "rfid": 380.0},
+        {"codec": "oned", "bytes_target": 104, "bytes_per_image": 104.0, "ssim": 0.29, "rfid": 390.0},
+        {"codec": "jpeg", "bytes_target": 104, "bytes_per_image": 348.0, "ssim": 0.45, "over_budget": 3},
+    ]
+    best = {row["bytes_target"]: row for row in best_by_budget(entries)}
+    assert best[80]["best_ssim"] == "grid" and best[80]["candidates"] == ["grid"]
+    assert best[104]["best_ssim"] == "grid" and best[104]["best_rfid"] == "grid"
+    assert best[104]["candidates"] == ["grid", "oned"]  # JPEG could not reach 104 bytes

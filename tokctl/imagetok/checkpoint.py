@@ -22,6 +22,17 @@ from tokctl.imagetok.models.base import ImageTokenizer
 FORMAT = "tokctl-imagetok/1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_TOKENIZER = WEIGHTS_DIR / "default.pt"
+# The tokenizers that ship inside tokctl, by the names --tokenizer and tokenizer_path= also take.
+EMBEDDED = {"default": DEFAULT_TOKENIZER, "vq2d": WEIGHTS_DIR / "vq2d.pt"}
+
+
+def embedded_path(path: Path | str | None) -> Path:
+    """``path`` itself, or the shipped file a name stands for (an existing path wins)."""
+    if not path:
+        return DEFAULT_TOKENIZER
+    if str(path) in EMBEDDED and not Path(path).exists():
+        return EMBEDDED[str(path)]
+    return Path(path)
 
 
 def build_tokenizer(config: dict[str, Any]) -> ImageTokenizer:
@@ -86,7 +97,7 @@ class LoadedTokenizer:
 def load_tokenizer(path: Path | str | None = None) -> LoadedTokenizer:
     """A tokenizer file, a training run folder (its checkpoint.pt), a released TiTok folder
     (config.json + weights, see titok_release), or the embedded default."""
-    path = Path(path) if path else DEFAULT_TOKENIZER
+    path = embedded_path(path)
     from tokctl.imagetok.titok_release import is_release_folder, load_release
 
     if is_release_folder(path):  # a TiTok release of bytedance/1d-tokenizer
@@ -96,7 +107,7 @@ def load_tokenizer(path: Path | str | None = None) -> LoadedTokenizer:
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.exists():
-        if path == DEFAULT_TOKENIZER:
+        if path in EMBEDDED.values():
             raise UserError(f"the embedded tokenizer {path} is missing from this installation; "
                             f"reinstall tokctl or give tokenizer_path=FILE")
         raise UserError(f"{path}: no such tokenizer file (give a .pt from `tokctl tokenize-image "

@@ -19,7 +19,7 @@ from PIL import Image
 from tokctl.console import console, err_console
 from tokctl.errors import UserError
 from tokctl.imagetok import tokfile
-from tokctl.imagetok.checkpoint import LoadedTokenizer, load_tokenizer
+from tokctl.imagetok.checkpoint import EMBEDDED, LoadedTokenizer, load_tokenizer
 from tokctl.imagetok.data import open_rgb, to_image, to_tensor
 
 BATCH = 32
@@ -104,8 +104,8 @@ def parse_token_file(tok: LoadedTokenizer, path: Path) -> tokfile.TokenFile:
 
 
 # ------------------------------------------------------------------------------------ commands
-TOKENIZER_HELP = ("Tokenizer file (.pt), train run folder or TiTok release folder; default: the "
-                  "embedded one.")
+TOKENIZER_HELP = ("Tokenizer file (.pt), train run folder, TiTok release folder, or a shipped "
+                  "tokenizer by name: default (1D, One-D-Piece) or vq2d (2D grid).")
 
 
 def encode_command(images: List[Path] = typer.Argument(..., help="Images to encode."),
@@ -136,12 +136,27 @@ def encode_command(images: List[Path] = typer.Argument(..., help="Images to enco
     _finish("encoded", len(opened), failed)
 
 
+def _maker_of(files: List[Path]) -> str:
+    """The name of the shipped tokenizer whose hash the first readable token file carries."""
+    for path in files:
+        try:
+            tf, _, _ = tokfile.read_header(path.read_bytes())
+        except (OSError, tokfile.TokenFileError):
+            continue
+        for name, weights in EMBEDDED.items():
+            if weights.exists() and load_tokenizer(name).hash == tf.tokenizer_hash:
+                return name
+        break
+    return "default"
+
+
 def decode_command(files: List[Path] = typer.Argument(..., help="Token files to decode."),
                    out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNGs."),
                    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t",
                                                             help=TOKENIZER_HELP)) -> None:
-    """Decode token files into PNG images (one FILE.png per token file)."""
-    tok = load_tokenizer(tokenizer)
+    """Decode token files into PNG images (one FILE.png per token file). Without --tokenizer,
+    the shipped tokenizer that made the first file decodes them all."""
+    tok = load_tokenizer(tokenizer if tokenizer is not None else _maker_of(files))
     _make_out(out)
     parsed, failed = [], 0
     for path in files:

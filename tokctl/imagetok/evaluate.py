@@ -162,11 +162,13 @@ def run(cfg, run: Run) -> dict:
 
 
 def best_by_budget(entries: list[dict]) -> list[dict]:
-    """At each byte budget: the codec with the best SSIM and the best rFID among those within
-    the budget (a classical codec that could not reach it is not a candidate)."""
+    """At each byte budget: the codec with the best SSIM and the best rFID among the points that
+    fit in it, measured at that budget or a smaller one (a classical codec that could not reach
+    its target is not a candidate)."""
     out = []
     for budget in sorted({e["bytes_target"] for e in entries}):
-        cands = [e for e in entries if e["bytes_target"] == budget and not e.get("over_budget")]
+        cands = [e for e in entries if not e.get("over_budget") and e["bytes_target"] <= budget
+                 and e["bytes_per_image"] <= budget]
         if not cands:
             continue
         row = {"bytes_target": budget,
