@@ -169,3 +169,23 @@ def test_sampling_keeps_the_target_distribution(pair, name):
     p_value = chi_square_p_value(counts, exact)
     print(f"{name}: chi-square p = {p_value:.3g} over 600 draws")  # shown with pytest -s
     assert p_value > 1e-4, name
+
+
+def test_a_draft_too_costly_to_pay_is_skipped_but_probed(pair):
+    """With a draft that costs more than it could save, the chain method decodes without running
+    the draft model, except for a one-token probe every PROBE_EVERY steps; still exact."""
+    target = make_target(pair.model, pair.tokenizer)
+    ar = Autoregressive()
+    ar.setup(target, pair)
+    method = DraftChain(max_tokens=4)
+    method.setup(target, pair)
+    method.draft_node_cost = 100.0  # each draft token: 100 target forwards
+    syncs = []
+    real_sync = method.drafter.sync
+    method.drafter.sync = lambda context: syncs.append(len(context)) or real_sync(context)
+    p = prompts(len(pair.tokenizer))[0]
+    out = method.generate(p, greedy(40), None)
+    assert out.tokens == ar.generate(p, greedy(40), None).tokens
+    steps = out.steps - 1  # less the prefill
+    assert 0 < len(syncs) <= steps // DraftChain.PROBE_EVERY + 1
+    assert set(method.chosen_sizes) == {0}

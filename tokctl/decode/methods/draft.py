@@ -26,6 +26,7 @@ from tokctl.errors import UserError
 class DraftChain(SpeculativeMethod, SizedDrafts):
     name = "draft"
     needs_draft = True
+    PROBE_EVERY = 8  # steps between one-token probes while the budget says not to draft
 
     def __init__(self, max_tokens: int = 8, budget: Any = "auto", draft_backend: str = "auto"):
         super().__init__()
@@ -36,6 +37,7 @@ class DraftChain(SpeculativeMethod, SizedDrafts):
         self.draft_backend = draft_backend
         self.drafter: DraftModel | None = None
         self._drafted = 0
+        self._steps = 0
 
     def setup(self, target, loaded) -> None:
         super().setup(target, loaded)
@@ -57,8 +59,17 @@ class DraftChain(SpeculativeMethod, SizedDrafts):
 
     def propose(self, tokens, settings, generator) -> Draft:
         d = self.drafter
-        logits = d.sync(d.to_draft(tokens))
         gamma = self.choose_size(self.depth_stats.cumulative())
+        self._steps += 1
+        if gamma == 0:
+            # Drafting does not pay at the acceptance seen so far: skip the draft model (it
+            # catches up on the skipped tokens in one forward later), but probe now and then, or
+            # the acceptance estimate could never rise again.
+            if self._steps % self.PROBE_EVERY:
+                self._drafted = 0
+                return Draft(scheme=DETERMINISTIC)
+            gamma = 1
+        logits = d.sync(d.to_draft(tokens))
         sampled = not settings.sampling.greedy and d.shared_vocab
         draft = Draft(scheme=IID if sampled else DETERMINISTIC)
         guesses: list[int] = []
