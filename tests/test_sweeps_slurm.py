@@ -20,12 +20,17 @@ text = open(script).read()
 with open(os.environ["FAKE_SLURM_LOG"], "a") as log:
     log.write(text + "\n")
 m = re.search(r"#SBATCH --array=0-(\d+)", text)
+folder = re.search(r"-m submitit.core._submit (\S+)", text).group(1)
 for i in range(int(m.group(1)) + 1 if m else 1):
     env = dict(os.environ, SLURM_JOB_ID=str(5000 + i), SLURM_ARRAY_JOB_ID="4242",
                SLURM_ARRAY_TASK_ID=str(i), SLURM_NTASKS="1", SLURM_JOB_NUM_NODES="1",
                SLURM_NODEID="0", SLURM_PROCID="0", SLURM_LOCALID="0",
                SLURM_JOB_NODELIST="fake-node")
-    subprocess.Popen(["bash", script], env=env, start_new_session=True,
+    # submitit moves each task's pickle into place only after sbatch has answered: a real
+    # scheduler starts tasks later, so wait for it (starting at once raced, and lost a task).
+    pkl = folder.replace("%j", f"4242_{i}") + f"/4242_{i}_submitted.pkl"
+    wait = f'for k in $(seq 600); do [ -e "{pkl}" ] && break; sleep 0.1; done; exec bash "{script}"'
+    subprocess.Popen(["bash", "-c", wait], env=env, start_new_session=True,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print("Submitted batch job 4242")
 '''
