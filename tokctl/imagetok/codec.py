@@ -136,18 +136,20 @@ def encode_command(images: List[Path] = typer.Argument(..., help="Images to enco
     _finish("encoded", len(opened), failed)
 
 
-def _maker_of(files: List[Path]) -> str:
-    """The name of the shipped tokenizer whose hash the first readable token file carries."""
+def _maker_of(files: List[Path]) -> LoadedTokenizer:
+    """The shipped tokenizer whose hash the first readable token file carries (else the default)."""
     for path in files:
         try:
             tf, _, _ = tokfile.read_header(path.read_bytes())
         except (OSError, tokfile.TokenFileError):
             continue
         for name, weights in EMBEDDED.items():
-            if weights.exists() and load_tokenizer(name).hash == tf.tokenizer_hash:
-                return name
+            if weights.exists():
+                tok = load_tokenizer(name)
+                if tok.hash == tf.tokenizer_hash:
+                    return tok
         break
-    return "default"
+    return load_tokenizer(None)
 
 
 def decode_command(files: List[Path] = typer.Argument(..., help="Token files to decode."),
@@ -156,7 +158,7 @@ def decode_command(files: List[Path] = typer.Argument(..., help="Token files to 
                                                             help=TOKENIZER_HELP)) -> None:
     """Decode token files into PNG images (one FILE.png per token file). Without --tokenizer,
     the shipped tokenizer that made the first file decodes them all."""
-    tok = load_tokenizer(tokenizer if tokenizer is not None else _maker_of(files))
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else _maker_of(files)
     _make_out(out)
     parsed, failed = [], 0
     for path in files:

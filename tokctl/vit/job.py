@@ -137,13 +137,13 @@ def run(cfg, run) -> dict[str, Any]:
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be >= 1")
     data_mod.check_early(cfg.data)
+    device, dtype = _placement(cfg)
     method = build_method(cfg.method)
     model, info = model_mod.load(cfg.model)
     source = data_mod.open_source(cfg.data, info)
     for note in source.notes:
         console.print(f"[yellow]note[/]: {note}")
 
-    device, dtype = _placement(cfg)
     model.to(device=device, dtype=dtype)
     compressed_model = method.prepare_model(model)
     compressed_model.to(device=device, dtype=dtype)
