@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from tokctl.errors import UserError
+
 GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
 
 
@@ -146,12 +148,8 @@ class SizedDrafts:
             try:
                 budget = int(budget)
             except (TypeError, ValueError):
-                from tokctl.errors import UserError
-
                 raise UserError(f"budget={budget!r} must be 'auto' or a number of draft nodes") from None
             if budget < 0:
-                from tokctl.errors import UserError
-
                 raise UserError(f"budget={budget} must be >= 0")
         self.budget = budget
         self.max_nodes = int(max_nodes)
