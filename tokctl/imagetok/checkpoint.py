@@ -46,7 +46,8 @@ def build_tokenizer(config: dict[str, Any]) -> ImageTokenizer:
     config = {k: v for k, v in config.items() if k != "name"}
     quant = {k: v for k, v in config.pop("quantizer").items() if k != "name"}
     try:
-        return instantiate(config, quantizer=instantiate(quant, _convert_="all"), _convert_="all")
+        return instantiate(config, quantizer=instantiate(quant, _convert_="all"), _convert_="all",
+                           _recursive_=False)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
         raise UserError(f"cannot build the tokenizer: {one_line(str(cause))}") from None

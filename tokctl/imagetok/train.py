@@ -23,6 +23,7 @@ import torch
 from tokctl.console import progress_bar
 from tokctl.errors import UserError
 from tokctl.imagetok.checkpoint import FORMAT, build_tokenizer, save_tokenizer, tokenizer_config
+from tokctl.imagetok import proxy
 from tokctl.imagetok.data import CropSampler
 from tokctl.imagetok.models.base import prefix_budgets
 from tokctl.imagetok.losses import psnr_per_image, reconstruction_loss, ssim_per_image
@@ -73,11 +74,15 @@ def _load_resume(path: str) -> dict:
 def run(cfg, run: Run) -> dict:
     t = cfg.train
     resume = _load_resume(cfg.resume) if cfg.get("resume") else None
-    config = resume["tokenizer"] if resume else tokenizer_config(cfg)
+    config, proxy_weights = (resume["tokenizer"], None) if resume else \
+        proxy.resolve(tokenizer_config(cfg))
     sampler = CropSampler(list(cfg.data.folders), int(config["image_size"]),
                           max_side=int(cfg.data.max_side), seed=int(cfg.seed),
                           grayscale=float(cfg.data.get("grayscale") or 0.0))
     model = build_tokenizer(config)
+    if proxy_weights:
+        unexpected = model.load_state_dict(proxy_weights, strict=False).unexpected_keys
+        assert not unexpected, unexpected
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.99),
                             weight_decay=t.weight_decay)
     step, images_seen = 0, 0
@@ -117,6 +122,10 @@ def run(cfg, run: Run) -> dict:
                 loss, parts = reconstruction_loss(recon, images, t.l1, t.l2, t.ssim)
                 if q is not None:
                     loss = loss + q.loss
+                aux = model.auxiliary_loss()
+                if aux is not None:
+                    loss = loss + aux
+                    parts["proxy"] = float(aux.detach())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if t.grad_clip:

@@ -46,6 +46,10 @@ class ImageTokenizer(nn.Module):
         """How many latents each training sample keeps (all, unless the method drops some)."""
         return torch.full((batch,), self.num_latents, dtype=torch.long, device=device)
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A training loss term of the last forward pass beyond reconstruction (none here)."""
+        return None
+
     # --- shared --------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, quantize: bool = True,
                 keep: torch.Tensor | None = None) -> tuple[torch.Tensor, Quantized | None]:

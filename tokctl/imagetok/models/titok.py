@@ -17,6 +17,11 @@ image and attention is uniform), and on a CPU budget of a few thousand steps it 
 route it; the linear path carries the coarse image from the first step, and attention refines.
 Latent i still depends on the whole image, and the decoder still sees only the kept prefix.
 
+``proxy`` (a vq2d tokenizer's config; ``tokenizer.proxy=vq2d`` at training) is TiTok's own
+two-stage recipe: the stem and pixel decoder are those of a trained 2D tokenizer, and the
+decoder also learns to predict that tokenizer's codes (``proxy_loss``); see
+:mod:`tokctl.imagetok.proxy`.
+
 ``mixer="linear"`` keeps only such a path, at full rank, and drops both transformers: the K
 tokens are one learned linear map of the whole flattened feature grid, and the decoder's grid is
 one learned linear map of the kept tokens (:class:`GridToTokens`, :class:`TokensToGrid`). Still
@@ -33,6 +38,7 @@ from torch import nn
 
 from tokctl.imagetok.layers import GridToTokens, TokensToGrid, Transformer, image_stem
 from tokctl.imagetok.models.base import ImageTokenizer
+from tokctl.imagetok.proxy import Proxy
 from tokctl.imagetok.quantizers import Quantizer
 
 
@@ -43,7 +49,8 @@ class TiTok(ImageTokenizer):
                  num_latents: int = 32, width: int = 192, heads: int = 4, encoder_layers: int = 4,
                  decoder_layers: int = 4, stem: str = "conv",
                  conv_channels: tuple[int, ...] = (32, 64, 128), shortcut: int = 0,
-                 mixer: str = "attention"):
+                 mixer: str = "attention", proxy: dict | None = None,
+                 proxy_loss: float = 1.0, tune_proxy_decoder: bool = False):
         super().__init__(image_size, quantizer, num_latents)
         if mixer not in ("attention", "linear"):
             raise ValueError(f"mixer must be 'attention' or 'linear', not {mixer!r}")
@@ -52,7 +59,15 @@ class TiTok(ImageTokenizer):
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.grid = image_size // patch_size
         n_patches = self.grid * self.grid
-        self.stem, self.pixels = image_stem(stem, patch_size, conv_channels, width)
+        self.proxy, self.proxy_loss = None, float(proxy_loss)
+        if proxy:
+            self.proxy = Proxy(proxy, width, tune_proxy_decoder)
+            if self.proxy.grid != self.grid:
+                raise ValueError(f"the proxy's grid is {self.proxy.grid}x{self.proxy.grid}, this "
+                                 f"tokenizer's {self.grid}x{self.grid}: match patch_size")
+            self.stem, self.pixels = self.proxy.encode, self.proxy.decode
+        else:
+            self.stem, self.pixels = image_stem(stem, patch_size, conv_channels, width)
         self.shortcut = 0
         if mixer == "linear":
             self.grid_to_tokens = GridToTokens(width, self.grid, num_latents, quantizer.dim)
@@ -77,6 +92,11 @@ class TiTok(ImageTokenizer):
             # the decoder's map reads each kept latent's code and a "kept" flag
             self.latents_to_grid = nn.Linear(num_latents * (quantizer.dim + 1), n_patches * r)
             self.grid_widen = nn.Linear(r, width)
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        if self.proxy is None or not self.proxy_loss:
+            return None
+        return self.proxy_loss * self.proxy.loss()
 
     # encoder attention: hook for tokenizers that restrict what a latent may see (FlexTok)
     def encoder_mask(self, device) -> torch.Tensor | None:

@@ -1,0 +1,104 @@
+"""TiTok's two-stage recipe: 1D tokenizers around a trained 2D tokenizer (tokctl.imagetok.proxy)."""
+
+import json
+
+import pytest
+import torch
+
+from tests.imagetok.conftest import make_tiny, tiny_config
+from tests.imagetok.test_train_eval import photo_folder, tiny_overrides  # noqa: F401 - fixture
+from tokctl.config import compose
+from tokctl.errors import UserError
+from tokctl.imagetok import proxy
+from tokctl.imagetok.checkpoint import build_tokenizer, load_tokenizer, save_tokenizer
+from tokctl.jobs import JOBS, execute
+
+
+@pytest.fixture
+def proxy_file(tmp_path):
+    model, cfg = make_tiny("vq2d", "fsq", seed=1)
+    path = tmp_path / "proxy.pt"
+    save_tokenizer(path, model, cfg, {"steps": 0}, half=False)
+    return path, model
+
+
+def proxied(kind, proxy_path, **over):
+    config, weights = proxy.resolve(tiny_config(kind, "fsq", proxy=str(proxy_path), **over))
+    model = build_tokenizer(config)
+    assert not model.load_state_dict(weights, strict=False).unexpected_keys
+    return model, config
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_the_proxy_is_frozen_except_its_decoder_when_tuned(proxy_file, images, tune):
+    path, vq2d = proxy_file
+    model, config = proxied("onedpiece", path, tune_proxy_decoder=tune)
+    assert isinstance(config["proxy"], dict)  # the saved config rebuilds without the file
+    for name, p in vq2d.state_dict().items():  # the proxy's trained weights were loaded
+        torch.testing.assert_close(model.proxy.net.state_dict()[name], p)
+    model.train()
+    recon, q = model(images)
+    aux = model.auxiliary_loss()
+    assert recon.shape == images.shape and aux.item() > 0
+    ((recon - images).abs().mean() + aux).backward()
+    for name, p in model.named_parameters():
+        frozen = name.startswith("proxy.net.")
+        decoder = name.split(".")[2] in ("from_code", "decoder_pos", "decoder", "pixels") \
+            if frozen else False
+        if frozen and not (tune and decoder):
+            assert p.grad is None, name
+        elif "mask_token" not in name:
+            assert p.grad is not None, name
+
+
+def test_proxy_loss_targets_the_proxy_codes_of_the_same_images(proxy_file, images):
+    path, vq2d = proxy_file
+    model, _ = proxied("titok", path)
+    model(images)
+    with torch.no_grad():
+        expected = vq2d.quantizer(vq2d.encode_latents(images)).values
+    torch.testing.assert_close(model.proxy.target_codes, expected)
+    torch.testing.assert_close(model.auxiliary_loss(),
+                               torch.nn.functional.mse_loss(model.proxy.codes, expected))
+
+
+def test_a_proxied_tokenizer_saves_loads_and_decodes_any_prefix(proxy_file, images, tmp_path):
+    model, config = proxied("onedpiece", proxy_file[0])
+    model.eval()
+    save_tokenizer(tmp_path / "t.pt", model, config, {"steps": 0}, half=False)
+    proxy_file[0].unlink()  # the saved tokenizer needs the proxy file no more
+    loaded = load_tokenizer(tmp_path / "t.pt").model
+    tokens = model.encode(images)
+    torch.testing.assert_close(loaded.encode(images), tokens)
+    torch.testing.assert_close(loaded.decode(tokens[:, :3]), model.decode(tokens[:, :3]))
+    other = tokens.clone()
+    other[:, 3:] = (other[:, 3:] + 1) % model.codebook_size
+    torch.testing.assert_close(loaded.decode(other[:, :3]), loaded.decode(tokens[:, :3]))
+    assert not torch.allclose(loaded.decode(other), loaded.decode(tokens))
+
+
+def test_a_proxy_that_is_not_a_matching_vq2d_is_one_clear_error(proxy_file, tmp_path):
+    one_d, cfg = make_tiny("titok", "fsq")
+    save_tokenizer(tmp_path / "titok.pt", one_d, cfg, {"steps": 0})
+    with pytest.raises(UserError, match="must be a vq2d"):
+        proxy.resolve(tiny_config("onedpiece", "fsq", proxy=str(tmp_path / "titok.pt")))
+    with pytest.raises(UserError, match="tokenizer.image_size=32"):
+        proxy.resolve(tiny_config("onedpiece", "fsq", proxy=str(proxy_file[0]), image_size=64))
+    with pytest.raises(UserError, match="no such tokenizer file"):
+        proxy.resolve(tiny_config("onedpiece", "fsq", proxy=str(tmp_path / "none.pt")))
+
+
+def test_train_with_a_proxy_logs_its_loss_and_resumes(photo_folder, proxy_file, tmp_path):  # noqa: F811
+    job = JOBS["tokenize-image train"]
+    over = tiny_overrides(photo_folder) + [f"tokenizer.proxy={proxy_file[0]}"]
+    status, path = execute(job, compose(job.conf, job.config_name, over), tmp_path / "run1")
+    assert status == "completed"
+    rows = [json.loads(l) for l in (path / "samples.jsonl").read_text().splitlines()]
+    assert all(r["proxy"] > 0 for r in rows)
+    frozen = proxy_file[1].state_dict()
+    trained = load_tokenizer(path / "tokenizer.pt").model.proxy.net.state_dict()
+    for name in ("stem.net.0.weight", "encoder.blocks.0.qkv.weight", "pixels.net.0.weight"):
+        torch.testing.assert_close(trained[name], frozen[name].half().float())
+    over2 = tiny_overrides(photo_folder, steps=6) + [f"resume={path}"]
+    status, path2 = execute(job, compose(job.conf, job.config_name, over2), tmp_path / "run2")
+    assert status == "completed"
