@@ -102,3 +102,37 @@ def test_train_with_a_proxy_logs_its_loss_and_resumes(photo_folder, proxy_file, 
     over2 = tiny_overrides(photo_folder, steps=6) + [f"resume={path}"]
     status, path2 = execute(job, compose(job.conf, job.config_name, over2), tmp_path / "run2")
     assert status == "completed"
+
+
+def test_first_stage_trains_on_the_proxy_codes_alone(photo_folder, proxy_file, tmp_path):  # noqa: F811
+    job = JOBS["tokenize-image train"]
+    no_pixels = ["train.l1=0", "train.ssim=0"]
+    over = tiny_overrides(photo_folder) + no_pixels + [f"tokenizer.proxy={proxy_file[0]}",
+                                                       "tokenizer.mixer=linear"]
+    status, path = execute(job, compose(job.conf, job.config_name, over), tmp_path / "run1")
+    assert status == "completed"
+    rows = [json.loads(l) for l in (path / "samples.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == pytest.approx(r["proxy"]) and "l1" not in r for r in rows)
+    assert "ssim@6" in rows[-1]  # validation still decodes to pixels
+    plain = tiny_overrides(photo_folder) + no_pixels
+    with pytest.raises(UserError, match="tokenizer.proxy=vq2d"):
+        execute(job, compose(job.conf, job.config_name, plain), tmp_path / "run2")
+
+
+def test_second_stage_starts_from_the_first_and_tunes_the_proxy_decoder(photo_folder, proxy_file,  # noqa: F811
+                                                                        tmp_path):
+    job = JOBS["tokenize-image train"]
+    over = tiny_overrides(photo_folder, steps=2) + [f"tokenizer.proxy={proxy_file[0]}"]
+    status, first = execute(job, compose(job.conf, job.config_name, over), tmp_path / "run1")
+    stage1 = load_tokenizer(first).model.state_dict()
+    over2 = over + [f"init={first}", "tokenizer.tune_proxy_decoder=true", "train.steps=1",
+                    "train.ae_warmup_steps=0"]
+    status, second = execute(job, compose(job.conf, job.config_name, over2), tmp_path / "run2")
+    assert status == "completed"
+    stage2 = load_tokenizer(second).model.state_dict()
+    assert torch.equal(stage2["proxy.net.stem.net.0.weight"], stage1["proxy.net.stem.net.0.weight"])
+    assert not torch.equal(stage2["proxy.net.pixels.net.0.weight"],
+                           stage1["proxy.net.pixels.net.0.weight"])
+    with pytest.raises(UserError, match="do not fit"):
+        execute(job, compose(job.conf, job.config_name, over2 + ["tokenizer.num_latents=5"]),
+                tmp_path / "run3")

@@ -6,9 +6,11 @@ decoder predicts the 2D tokenizer's grid of codes, and the frozen 2D decoder tur
 pixels. Here the proxy is one of tokctl's own :class:`~tokctl.imagetok.models.VQ2D` tokenizers
 (the shipped ``vq2d``), and it serves both ends of the 1D bottleneck:
 
-- ``Proxy.encode`` reads an image with the proxy's frozen stem and transformer: the 1D
-  encoder's latent tokens then attend over features that already describe each 8x8 cell,
-  instead of learning them from pixels;
+- ``Proxy.encode`` reads an image with the frozen proxy: its grid of code vectors is what the
+  1D encoder sees. The 1D tokens re-code the proxy's tokens: fewer of them, any prefix
+  decodable, each one describing the whole image. (The proxy's 128-wide features were tried as
+  the input instead: 8192 numbers per image, and the 1D encoder learnt little from them in
+  a CPU budget; from the 192 code values even a linear map learns a coarse-to-fine code.);
 - ``Proxy.decode`` turns the 1D decoder's grid into the proxy's code values (one vector of the
   proxy quantiser's dimension per cell, continuous) and decodes them with the proxy's decoder,
   frozen unless ``tune_decoder`` (TiTok's second stage fine-tunes it).
@@ -62,9 +64,9 @@ def build_proxy(config: dict[str, Any]) -> nn.Module:
 class Proxy(nn.Module):
     """Both ends of the 1D bottleneck around a proxy 2D tokenizer.
 
-    ``encode``: image scaled to [-1, 1] (B, 3, S, S) -> (B, width, g, g), the frozen proxy's
-    per-cell features narrowed to the 1D tokenizer's width; the proxy's quantised codes of the
-    same image are kept as the target of the proxy loss.
+    ``encode``: image scaled to [-1, 1] (B, 3, S, S) -> (B, width, g, g): the frozen proxy's
+    quantised code vector of each cell, widened to the 1D tokenizer's width (and kept as the
+    target of the proxy loss).
     ``decode``: (B, width, g, g) -> image in [-1, 1], through one predicted code vector per cell
     (kept for the proxy loss) and the proxy's decoder."""
 
@@ -73,7 +75,7 @@ class Proxy(nn.Module):
         self.net = build_proxy(config)
         net = self.net
         self.grid = net.grid
-        self.narrow = nn.Linear(net.pos.shape[-1], width)
+        self.widen = nn.Linear(net.quantizer.dim, width)
         self.to_codes = nn.Linear(width, net.quantizer.dim)
         for name, param in net.named_parameters():
             is_decoder = name.split(".")[0] in ("from_code", "decoder_pos", "decoder", "pixels")
@@ -84,14 +86,17 @@ class Proxy(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
         with torch.no_grad():
-            feats = net.encoder(net.stem(x).flatten(2).transpose(1, 2) + net.pos)
-            self.target_codes = net.quantizer(net.to_code(feats)).values
-        return self.narrow(feats).transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
+            self.target_codes = net.quantizer(net.encode_latents((x + 1) / 2)).values
+        g = self.grid
+        return self.widen(self.target_codes).transpose(1, 2).reshape(x.shape[0], -1, g, g)
+
+    def predict_codes(self, grid: torch.Tensor) -> torch.Tensor:
+        self.codes = self.to_codes(grid.flatten(2).transpose(1, 2))
+        return self.codes
 
     def decode(self, grid: torch.Tensor) -> torch.Tensor:
         net = self.net
-        self.codes = self.to_codes(grid.flatten(2).transpose(1, 2))
-        x = net.decoder(net.from_code(self.codes) + net.decoder_pos)
+        x = net.decoder(net.from_code(self.predict_codes(grid)) + net.decoder_pos)
         return net.pixels(x.transpose(1, 2).reshape(grid.shape[0], -1, self.grid, self.grid))
 
     def loss(self) -> torch.Tensor:

@@ -71,6 +71,18 @@ def _load_resume(path: str) -> dict:
     return state
 
 
+def _init_weights(model, path: str) -> None:
+    """Start from the weights of another run's tokenizer (same architecture), with a fresh
+    optimiser and schedule: TiTok's second stage continues its first this way."""
+    from tokctl.imagetok.checkpoint import load_tokenizer
+
+    try:
+        model.load_state_dict(load_tokenizer(path).model.state_dict())
+    except RuntimeError:
+        raise UserError(f"init={path}: that tokenizer's weights do not fit this configuration "
+                        f"(give the same tokenizer.* and quantizer.* settings)") from None
+
+
 def run(cfg, run: Run) -> dict:
     t = cfg.train
     resume = _load_resume(cfg.resume) if cfg.get("resume") else None
@@ -83,6 +95,8 @@ def run(cfg, run: Run) -> dict:
     if proxy_weights:
         unexpected = model.load_state_dict(proxy_weights, strict=False).unexpected_keys
         assert not unexpected, unexpected
+    if cfg.get("init") and not resume:
+        _init_weights(model, cfg.init)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.99),
                             weight_decay=t.weight_decay)
     step, images_seen = 0, 0
@@ -92,6 +106,11 @@ def run(cfg, run: Run) -> dict:
         step, images_seen = resume["step"], resume["images_seen"]
         sampler.rng.setstate(resume["sampler_rng"])
         torch.set_rng_state(resume["torch_rng"])
+    # no pixel loss: TiTok's first stage, the proxy's codes are the only target
+    pixels = bool(t.l1 or t.l2 or t.ssim)
+    if not pixels and getattr(model, "proxy", None) is None:
+        raise UserError("train.l1, train.l2 and train.ssim are all 0: without a pixel loss only "
+                        "a tokenizer with a proxy (tokenizer.proxy=vq2d) has a target")
     n_params = sum(p.numel() for p in model.parameters())
     run.update_env(photos=len(sampler.photos), parameters=n_params, resumed_from=cfg.get("resume"),
                    tokenizer=model.name, max_tokens=model.max_tokens,
@@ -118,8 +137,9 @@ def run(cfg, run: Run) -> dict:
                     group["lr"] = learning_rate(step, cfg)
                 images = sampler.batch(int(t.batch_size))
                 quantize = step >= t.ae_warmup_steps
-                recon, q = model(images, quantize=quantize)
-                loss, parts = reconstruction_loss(recon, images, t.l1, t.l2, t.ssim)
+                recon, q = model(images, quantize=quantize, pixels=pixels)
+                loss, parts = reconstruction_loss(recon, images, t.l1, t.l2, t.ssim) \
+                    if pixels else (images.new_zeros(()), {})
                 if q is not None:
                     loss = loss + q.loss
                 aux = model.auxiliary_loss()

@@ -50,11 +50,17 @@ class ImageTokenizer(nn.Module):
         """A training loss term of the last forward pass beyond reconstruction (none here)."""
         return None
 
+    def predict_proxy_codes(self, latents: torch.Tensor, keep: torch.Tensor) -> None:
+        """Decode as far as a proxy tokenizer's codes, not to pixels (TiTok's first stage)."""
+        raise NotImplementedError(f"{self.name} has no proxy tokenizer")
+
     # --- shared --------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, quantize: bool = True,
-                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, Quantized | None]:
+                keep: torch.Tensor | None = None, pixels: bool = True
+                ) -> tuple[torch.Tensor | None, Quantized | None]:
         """Training pass: reconstruction and the quantiser's record. ``quantize=False`` is the
-        autoencoder warm-up (continuous latents)."""
+        autoencoder warm-up (continuous latents); ``pixels=False`` stops at the proxy's codes
+        (no reconstruction is returned; the proxy loss is the only target)."""
         z = self.encode_latents(images)
         q = None
         if quantize:
@@ -65,6 +71,9 @@ class ImageTokenizer(nn.Module):
         if keep is None:
             keep = self.training_keep(images.shape[0], images.device) if self.training else \
                 torch.full((images.shape[0],), self.num_latents, device=images.device)
+        if not pixels:
+            self.predict_proxy_codes(z, keep)
+            return None, q
         return self.decode_latents(z, keep), q
 
     @torch.no_grad()

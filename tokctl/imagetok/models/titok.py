@@ -124,9 +124,18 @@ class TiTok(ImageTokenizer):
         return x, visible
 
     def decode_latents(self, latents: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return (self.pixels(self.decode_grid(latents, keep)) + 1) / 2
+
+    def predict_proxy_codes(self, latents: torch.Tensor, keep: torch.Tensor) -> None:
+        if self.proxy is None:
+            super().predict_proxy_codes(latents, keep)
+        self.proxy.predict_codes(self.decode_grid(latents, keep))
+
+    def decode_grid(self, latents: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The kept latents -> the decoder's feature grid (B, width, g, g), before pixels."""
         b = latents.shape[0]
         if self.mixer == "linear":
-            return (self.pixels(self.tokens_to_grid(latents, keep)) + 1) / 2
+            return self.tokens_to_grid(latents, keep)
         n_patches = self.grid * self.grid
         lat, visible = self.latent_inputs(latents, keep)
         grid = (self.mask_token + self.decoder_pos).expand(b, -1, -1)
@@ -139,5 +148,4 @@ class TiTok(ImageTokenizer):
         x = torch.cat([grid, lat], dim=1)
         keys = torch.cat([torch.ones(b, n_patches, dtype=torch.bool, device=x.device), visible], 1)
         x = self.decoder(x, keys[:, None, None, :])
-        feats = x[:, :n_patches].transpose(1, 2).reshape(b, -1, self.grid, self.grid)
-        return (self.pixels(feats) + 1) / 2
+        return x[:, :n_patches].transpose(1, 2).reshape(b, -1, self.grid, self.grid)
