@@ -70,7 +70,11 @@ JOBS: dict[str, Job] = {
         Job("tokenize-image train", "tokenize_image", "train", "tokctl.imagetok.train:run",
             "Train an image tokenizer on random crops of photos (resumable).",
             ("tokctl tokenize-image train", "tokctl tokenize-image train tokenizer=vq2d quantizer=vq",
-             "tokctl tokenize-image train resume=runs/tokenize-image-train/DATE/TIME_onedpiece-fsq")),
+             "tokctl tokenize-image train resume=runs/tokenize-image-train/DATE/TIME_onedpiece-fsq",
+             "tokctl tokenize-image train tokenizer.proxy=vq2d train.l1=0 train.ssim=0  "
+             "# TiTok's first stage: the shipped vq2d's codes as the target",
+             "tokctl tokenize-image train tokenizer.proxy=vq2d init=STAGE1_RUN "
+             "tokenizer.tune_proxy_decoder=true  # its second stage")),
     ]
 }
 

@@ -62,8 +62,11 @@ def test_proxy_loss_targets_the_proxy_codes_of_the_same_images(proxy_file, image
                                torch.nn.functional.mse_loss(model.proxy.codes, expected))
 
 
-def test_a_proxied_tokenizer_saves_loads_and_decodes_any_prefix(proxy_file, images, tmp_path):
-    model, config = proxied("onedpiece", proxy_file[0])
+@pytest.mark.parametrize("kind", ["onedpiece", "flexnested"])
+@pytest.mark.parametrize("mixer", ["attention", "linear"])
+def test_a_proxied_tokenizer_saves_loads_and_decodes_any_prefix(proxy_file, images, tmp_path, kind,
+                                                                mixer):
+    model, config = proxied(kind, proxy_file[0], mixer=mixer)
     model.eval()
     save_tokenizer(tmp_path / "t.pt", model, config, {"steps": 0}, half=False)
     proxy_file[0].unlink()  # the saved tokenizer needs the proxy file no more
