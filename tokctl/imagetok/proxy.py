@@ -10,14 +10,15 @@ pixels. Here the proxy is one of tokctl's own :class:`~tokctl.imagetok.models.VQ
   1D encoder sees. The 1D tokens re-code the proxy's tokens: fewer of them, any prefix
   decodable, each one describing the whole image. (The proxy's 128-wide features were tried as
   the input instead: 8192 numbers per image, and the 1D encoder learnt little from them in
-  a CPU budget; from the 192 code values even a linear map learns a coarse-to-fine code.);
+  a CPU budget; from the 192 code values even a linear map learns a coarse-to-fine code.)
 - ``Proxy.decode`` turns the 1D decoder's grid into the proxy's code values (one vector of the
   proxy quantiser's dimension per cell, continuous) and decodes them with the proxy's decoder,
   frozen unless ``tune_decoder`` (TiTok's second stage fine-tunes it).
 
 The proxy loss (``proxy_loss`` x mean squared error between the predicted code values and the
 proxy's own quantised codes for the same image) is the stage-one target; the pixel losses are
-added on top. The 1D tokens alone are what a token file holds: the proxy's weights live in the
+added on top in stage two. (TiTok predicts a VQGAN's code ids with cross-entropy; an FSQ code is
+a point on a grid, so the squared distance to it serves, and a near miss costs little.) The 1D tokens alone are what a token file holds: the proxy's weights live in the
 tokenizer's checkpoint, and the proxy's own codes are never stored.
 """
 
