@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tokctl.imagetok.checkpoint import build_tokenizer, save_tokenizer
 
@@ -60,3 +62,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        small = rng.random((6, 8, 3))
+        im = Image.fromarray((small * 255).astype(np.uint8)).resize((80, 60), Image.BICUBIC)
+        im.save(folder / f"p{i}.png")
+    (folder / "screenshot.png").write_bytes(b"skipped by name")
+    return folder
+
+
+def tiny_overrides(folder, steps=4):
+    ov = [f"data.folders=[{folder}]", f"train.steps={steps}", "train.batch_size=4",
+          "train.ae_warmup_steps=2", "train.log_every=1", "train.val_every=2",
+          "train.val_images=4", "train.checkpoint_every=2", "train.lr_warmup_steps=1",
+          "threads=1", "tokenizer.num_latents=6"]
+    ov += [f"tokenizer.{k}={v}" for k, v in TINY.items() if k != "conv_channels"]
+    return ov + ["tokenizer.conv_channels=[8,8,8]", "quantizer.levels=[4,4,4]"]

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.imagetok.conftest import make_tiny, tiny_config
-from tests.imagetok.test_train_eval import photo_folder, tiny_overrides  # noqa: F401 - fixture
+from tests.imagetok.conftest import make_tiny, tiny_config, tiny_overrides
 from tokctl.config import compose
 from tokctl.errors import UserError
 from tokctl.imagetok import proxy
@@ -91,7 +90,7 @@ def test_a_proxy_that_is_not_a_matching_vq2d_is_one_clear_error(proxy_file, tmp_
         proxy.resolve(tiny_config("onedpiece", "fsq", proxy=str(tmp_path / "none.pt")))
 
 
-def test_train_with_a_proxy_logs_its_loss_and_resumes(photo_folder, proxy_file, tmp_path):  # noqa: F811
+def test_train_with_a_proxy_logs_its_loss_and_resumes(photo_folder, proxy_file, tmp_path):
     job = JOBS["tokenize-image train"]
     over = tiny_overrides(photo_folder) + [f"tokenizer.proxy={proxy_file[0]}"]
     status, path = execute(job, compose(job.conf, job.config_name, over), tmp_path / "run1")
@@ -107,7 +106,7 @@ def test_train_with_a_proxy_logs_its_loss_and_resumes(photo_folder, proxy_file, 
     assert status == "completed"
 
 
-def test_first_stage_trains_on_the_proxy_codes_alone(photo_folder, proxy_file, tmp_path):  # noqa: F811
+def test_first_stage_trains_on_the_proxy_codes_alone(photo_folder, proxy_file, tmp_path):
     job = JOBS["tokenize-image train"]
     no_pixels = ["train.l1=0", "train.ssim=0"]
     over = tiny_overrides(photo_folder) + no_pixels + [f"tokenizer.proxy={proxy_file[0]}",
@@ -122,7 +121,7 @@ def test_first_stage_trains_on_the_proxy_codes_alone(photo_folder, proxy_file, t
         execute(job, compose(job.conf, job.config_name, plain), tmp_path / "run2")
 
 
-def test_second_stage_starts_from_the_first_and_tunes_the_proxy_decoder(photo_folder, proxy_file,  # noqa: F811
+def test_second_stage_starts_from_the_first_and_tunes_the_proxy_decoder(photo_folder, proxy_file,
                                                                         tmp_path):
     job = JOBS["tokenize-image train"]
     over = tiny_overrides(photo_folder, steps=2) + [f"tokenizer.proxy={proxy_file[0]}"]

@@ -22,7 +22,8 @@ import torch
 
 from tokctl.console import progress_bar
 from tokctl.errors import UserError
-from tokctl.imagetok.checkpoint import FORMAT, build_tokenizer, save_tokenizer, tokenizer_config
+from tokctl.imagetok.checkpoint import (FORMAT, build_tokenizer, load_tokenizer, save_tokenizer,
+                                        tokenizer_config)
 from tokctl.imagetok import proxy
 from tokctl.imagetok.data import CropSampler
 from tokctl.imagetok.models.base import prefix_budgets
@@ -74,8 +75,6 @@ def _load_resume(path: str) -> dict:
 def _init_weights(model, path: str) -> None:
     """Start from the weights of another run's tokenizer (same architecture), with a fresh
     optimiser and schedule: TiTok's second stage continues its first this way."""
-    from tokctl.imagetok.checkpoint import load_tokenizer
-
     try:
         model.load_state_dict(load_tokenizer(path).model.state_dict())
     except RuntimeError:
