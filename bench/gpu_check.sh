@@ -27,7 +27,7 @@ $py bench/kernels.py --repeats 50 --json "$out/kernels.json"
 step "tree attention block sizes (smollm2 heads, 2048-token prefix)"
 $py - <<'EOF'
 import torch
-from kernels.tree_attention import bench_cases, tree_attention_triton
+from tokctl.kernels.tree_attention import bench_cases, tree_attention_triton
 if torch.cuda.is_available():
     import triton.testing as tt
     for label, tri, ref in bench_cases("cuda"):

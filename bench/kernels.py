@@ -1,9 +1,9 @@
-"""Check every Triton kernel in kernels/ against its torch reference and time both, on a GPU.
+"""Check every Triton kernel in tokctl/kernels/ against its torch reference and time both, on a GPU.
 
     python bench/kernels.py                 # every kernel module, every case
     python bench/kernels.py --only nearest_code --repeats 200 --json bench.json
 
-Each module ``kernels/<name>.py`` exposes ``bench_cases(device) -> [(label, triton_fn, ref_fn)]``:
+Each module ``tokctl/kernels/<name>.py`` exposes ``bench_cases(device) -> [(label, triton_fn, ref_fn)]``:
 a realistic shape described by ``label`` and two zero-argument callables on the same inputs.
 Per case this script runs both once and compares the outputs (tensors, or tuples/lists/dicts/
 dataclasses of them: floats within a tolerance scaled to the reference's magnitude, integers
@@ -186,7 +186,7 @@ class Options:
     only: list[str] = field(default_factory=list)
 
 
-def kernel_modules(package: str = "kernels") -> list[str]:
+def kernel_modules(package: str = "tokctl.kernels") -> list[str]:
     try:
         pkg = importlib.import_module(package)
     except ImportError as exc:
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance-scale", type=float, default=1.0,
                     help="multiply the float tolerances (fp32 1e-4, bf16 2e-2 of the magnitude)")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
-    ap.add_argument("--package", default="kernels", help=argparse.SUPPRESS)
+    ap.add_argument("--package", default="tokctl.kernels", help=argparse.SUPPRESS)
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="run on the CPU anyway (Triton interpreter; correctness only, very slow)")
     args = ap.parse_args(argv)
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         os.environ.setdefault("TOKCTL_TRITON", "1")
     # Run as a script, this file's folder comes first on sys.path and its own name would
-    # shadow the kernels package: look in the repository (or the installed package) instead.
+    # shadow other packages: look in the repository (or the installed package) instead.
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     sys.path.insert(0, str(ROOT))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.nearest_code import nearest_code, nearest_code_ref
+from tokctl.kernels.nearest_code import nearest_code, nearest_code_ref
 
 
 @pytest.mark.parametrize("n,k,d", [(1, 1, 1), (7, 5, 3), (33, 70, 12), (19, 129, 65)])

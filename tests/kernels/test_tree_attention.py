@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.tree_attention import tree_attention, tree_attention_ref, tree_attention_triton
+from tokctl.kernels.tree_attention import tree_attention, tree_attention_ref, tree_attention_triton
 
 
 def tree_mask(parents):
@@ -53,7 +53,7 @@ def test_reference_matches_plain_softmax_attention():
 
 
 def test_dispatch_uses_reference_on_cpu_by_default(monkeypatch):
-    import kernels.tree_attention as ta
+    import tokctl.kernels.tree_attention as ta
 
     monkeypatch.setenv("TOKCTL_TRITON", "auto")
     monkeypatch.setattr(ta, "tree_attention_triton", lambda *a: (_ for _ in ()).throw(AssertionError))

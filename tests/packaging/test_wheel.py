@@ -1,4 +1,4 @@
-"""The wheel carries the configs (as tokctl/_conf) and the kernels, so an installed tokctl finds
+"""The wheel carries the configs (as tokctl/_conf) and the kernels (as tokctl.kernels, its only top-level name), so an installed tokctl finds
 them without a source checkout."""
 
 import subprocess
@@ -20,7 +20,11 @@ def test_wheel_contains_configs_and_kernels(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "tokctl/_conf/decode/decode.yaml" in names
     assert "tokctl/_conf/decode/method/recycling.yaml" in names
-    assert "kernels/tree_attention.py" in names
+    assert "tokctl/kernels/tree_attention.py" in names
+    # one top-level import name: a top-level `kernels` would shadow Hugging Face's `kernels`
+    # distribution, which transformers probes for.
+    top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top_level == {"tokctl"}, top_level
     assert "tokctl/decode/prompts/builtin.jsonl" in names
 
 

@@ -1,9 +1,9 @@
-"""kernels/token_merge.py: the Triton path (interpreter mode on CPU) against the torch reference."""
+"""tokctl/kernels/token_merge.py: the Triton path (interpreter mode on CPU) against the torch reference."""
 
 import pytest
 import torch
 
-from kernels import token_merge as tm
+from tokctl.kernels import token_merge as tm
 
 
 @pytest.mark.parametrize("batch,n,c,r", [(1, 7, 5, 2), (2, 33, 19, 9), (3, 50, 70, 25), (2, 9, 3, 0)])

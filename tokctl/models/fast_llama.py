@@ -180,10 +180,10 @@ def sdpa_attention(q, k, v, prefix: int, tree_mask):
 def default_attention(q, k, v, prefix: int, tree_mask):
     """The Triton tree-attention kernel where the dispatch rule says so (a GPU, or forced), SDPA
     otherwise."""
-    from kernels import use_triton
+    from tokctl.kernels import use_triton
 
     if use_triton(q):
-        from kernels.tree_attention import tree_attention_triton
+        from tokctl.kernels.tree_attention import tree_attention_triton
 
         return tree_attention_triton(q[0], k[0], v[0], prefix, tree_mask)[None]
     return sdpa_attention(q, k, v, prefix, tree_mask)

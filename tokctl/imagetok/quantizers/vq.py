@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.nearest_code import nearest_code
+from tokctl.kernels.nearest_code import nearest_code
 from tokctl.imagetok.quantizers.base import Quantized, Quantizer
 
 

@@ -5,7 +5,7 @@ soft matching on the attention keys (averaged over heads): tokens alternate betw
 each token of the first set picks its most similar token of the second, and the ``r`` most
 similar pairs are merged by a size-weighted average. Sizes are carried across blocks and enter
 the attention as log(size) (proportional attention). Prefix tokens ([CLS], distillation,
-registers) are never merged. The merge itself is ``kernels.token_merge``.
+registers) are never merged. The merge itself is ``tokctl.kernels.token_merge``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from kernels.token_merge import MergeResult, token_merge
+from tokctl.kernels.token_merge import MergeResult, token_merge
 from tokctl.errors import UserError
 from tokctl.vit.patch import TokenMethod
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels import use_triton
+from tokctl.kernels import use_triton
 
 try:  # Triton is optional at run time: the reference covers CPUs without it.
     import triton

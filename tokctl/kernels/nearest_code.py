@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import use_triton
+from tokctl.kernels import use_triton
 
 try:
     import triton

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from kernels import triton_available, use_triton
+from tokctl.kernels import triton_available, use_triton
 
 if triton_available():
     import triton
