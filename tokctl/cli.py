@@ -11,7 +11,8 @@ import typer
 
 from tokctl.console import console, err_console
 from tokctl.errors import UserError
-from tokctl.jobs import JOBS, Job
+from tokctl.jobs import COMMAND_GROUPS, JOBS, Job, JobCrashed, run_single
+from tokctl.sweep import run_sweep
 
 app = typer.Typer(
     name="tokctl",
@@ -97,7 +98,7 @@ def _run_job_command(top: str, args: list[str]) -> None:
     if args and f"{top} {args[0]}" in FILE_ACTIONS:
         _run_file_action(FILE_ACTIONS[f"{top} {args[0]}"], args[1:])
     jobs = _jobs_of(top)
-    action = ""
+    action = COMMAND_GROUPS.get(top, ("",))[0]
     if args and args[0] in jobs and args[0] != "":
         action, args = args[0], args[1:]
     if action not in jobs:
@@ -107,20 +108,15 @@ def _run_job_command(top: str, args: list[str]) -> None:
         text = describe(job)
         others = [a for a in jobs if a and a != action]
         others += [a.split(" ", 1)[1] for a in FILE_ACTIONS if a.startswith(top + " ")]
-        if others and not action:
+        if others and action == COMMAND_GROUPS.get(top, ("",))[0]:
             text += "\n\n[bold]Actions[/]: " + ", ".join(f"tokctl {top} {a}" for a in others)
         console.print(text, soft_wrap=True)
         return
     multirun = any(a in ("-m", "--multirun") for a in args)
     overrides = [a for a in args if a not in ("-m", "--multirun")]
-    from tokctl.jobs import JobCrashed, run_multirun, run_single
-
     try:
         if multirun:
-            path, complete = run_multirun(job, overrides)
-            console.print(str(path), soft_wrap=True)
-            if not complete:  # some point failed: say so in the exit status, for scripts
-                raise typer.Exit(1)
+            _sweep(job, overrides)
             return
         status, path = run_single(job, overrides)
     except UserError as exc:
@@ -137,6 +133,25 @@ def _run_job_command(top: str, args: list[str]) -> None:
     console.print(str(path), soft_wrap=True)
 
 
+def _sweep(job: Job, overrides: list[str]) -> None:
+    """A sweep, then its points side by side; exit 1 if a point did not complete, 130 if the
+    sweep was interrupted."""
+    from tokctl import report
+
+    result = run_sweep(job, overrides)
+    try:
+        report.runs_compare([result.path])
+    except UserError:  # no point started
+        pass
+    console.print(str(result.path), soft_wrap=True)
+    if result.state == "interrupted":
+        err_console.print("[yellow]interrupted[/]: finished samples are kept; "
+                          "+resume=true runs the rest")
+        raise typer.Exit(130)
+    if not result.complete:
+        raise typer.Exit(1)
+
+
 def _job_command(top: str, summary: str) -> None:
     @app.command(top, help=summary + " Run `tokctl " + top + " --help` for its config groups.",
                  context_settings=JOB_CONTEXT, add_help_option=False)
@@ -145,7 +160,8 @@ def _job_command(top: str, summary: str) -> None:
 
 
 for _top in dict.fromkeys(name.split(" ")[0] for name in JOBS):
-    _job_command(_top, _jobs_of(_top).get("", next(iter(_jobs_of(_top).values()))).summary)
+    _job_command(_top, COMMAND_GROUPS[_top][1] if _top in COMMAND_GROUPS
+                 else _jobs_of(_top)[""].summary)
 
 
 # ------------------------------------------------------------------------------------------ runs

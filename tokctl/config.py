@@ -102,14 +102,24 @@ def to_yaml(cfg) -> str:
 
 
 def sweep_points(overrides: list[str]) -> list[list[str]]:
-    """Expand ``key=a,b`` sweeps into the list of override lists Hydra's basic sweeper would run."""
+    """Expand ``key=a,b`` sweeps into one override list per point, as Hydra's basic sweeper does:
+    the cartesian product in the order typed, a key typed twice keeping its last value."""
+    import itertools
+
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.errors import HydraException
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
-        batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
     except HydraException as exc:
         raise _hydra_error(exc) from None
-    return [list(point) for batch in batches for point in batch]
+    choices: dict[str, list[str]] = {}
+    for o in parsed:
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            choices[key] = [f"{key}={o.get_value_element_as_str()}"]
+        elif o.is_discrete_sweep():
+            choices[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            raise UserError(f"{o.input_line}: a sweep takes a list of values (a,b,c or range(...))")
+    return [list(point) for point in itertools.product(*choices.values())]

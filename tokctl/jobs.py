@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tokctl.config import compose, split_run_dir, to_yaml
 from tokctl.errors import UserError
+from tokctl.runs import (Run, check_writable, interrupts_as_exceptions, new_run_dir,
+                         signals_held)
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class Job:
     command: str  # as typed: "decode", "compress-vit train"
     conf: str  # folder under conf/
     config_name: str  # primary config in that folder
-    target: str | None  # "module:function"; None while the job is not built yet
+    target: str  # "module:function"
     summary: str
     examples: tuple[str, ...] = field(default_factory=tuple)
 
@@ -56,13 +59,6 @@ JOBS: dict[str, Job] = {
         Job("compress-vit train-tsm", "compress_vit", "train_tsm", "tokctl.vit.train_tsm:run",
             "Train SiT's token slimming modules on the default ViT by distillation from it.",
             ("tokctl compress-vit train-tsm", "tokctl compress-vit train-tsm method.keep_ratio=0.7")),
-        Job("tokenize-image", "tokenize_image", "eval", "tokctl.imagetok.evaluate:run",
-            "1D and 2D discrete image tokenizers: train, encode, decode, evaluate (default: eval "
-            "of the embedded tokenizer against JPEG and WebP).",
-            ("tokctl tokenize-image eval", "tokctl tokenize-image eval data.path=photos/",
-             "tokctl tokenize-image train tokenizer=titok quantizer=vq train.steps=2000",
-             "tokctl tokenize-image encode a.png b.jpg --out tokens/ --tokens 32",
-             "tokctl tokenize-image decode tokens/*.tok --out decoded/")),
         Job("tokenize-image eval", "tokenize_image", "eval", "tokctl.imagetok.evaluate:run",
             "Rate-distortion of a tokenizer against JPEG and WebP at the same byte budgets.",
             ("tokctl tokenize-image eval", "tokctl tokenize-image eval data.path=photos/",
@@ -79,9 +75,15 @@ JOBS: dict[str, Job] = {
 }
 
 
+# Commands whose jobs all have an action: the action run when none is typed, and the summary.
+COMMAND_GROUPS = {
+    "tokenize-image": ("eval", "1D and 2D discrete image tokenizers: train, encode, decode, "
+                               "evaluate (default: eval of the embedded tokenizer against JPEG "
+                               "and WebP)."),
+}
+
+
 def load_target(job: Job) -> Callable[..., Any]:
-    if job.target is None:
-        raise UserError(f"`tokctl {job.command}` is not built yet in this version of tokctl")
     module, _, name = job.target.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -132,9 +134,6 @@ def execute(job: Job, cfg, run_dir: Path, extra_signals: tuple[int, ...] = ()) -
     no SIGINT/SIGTERM can leave a run that says ``running`` (``extra_signals``: a scheduler's
     time-limit warning, say, which interrupts the same way).
     """
-    from tokctl.config import to_yaml
-    from tokctl.runs import Run, check_writable, interrupts_as_exceptions, signals_held
-
     fn = load_target(job)
     check_writable(run_dir)
     with interrupts_as_exceptions(extra_signals):
@@ -174,16 +173,11 @@ class JobCrashed(Exception):
 
 
 def default_run_dir(job: Job, cfg) -> Path:
-    from tokctl.runs import new_run_dir
-
     root = cfg.get("runs_dir") or "runs"
     return new_run_dir(root, job.run_folder_name, str(cfg.get("name") or job.config_name))
 
 
 def run_single(job: Job, overrides: list[str]) -> tuple[str, Path]:
-    from tokctl.config import compose, split_run_dir
-    from tokctl.runs import check_writable
-
     run_dir, rest = split_run_dir(overrides)
     cfg = compose(job.conf, job.config_name, rest)
     load_target(job)  # fail before making a folder if the job does not exist
@@ -193,13 +187,3 @@ def run_single(job: Job, overrides: list[str]) -> tuple[str, Path]:
     else:
         path = Path(run_dir)
     return execute(job, cfg, path)
-
-
-def run_multirun(job: Job, overrides: list[str]) -> tuple[Path, bool]:
-    """Every sweep point through Hydra's configured launcher (basic, submitit_local,
-    submitit_slurm), in one sweep folder with a sweep.json; see tokctl.sweep. Returns the sweep
-    folder and whether every point of the grid completed."""
-    from tokctl.sweep import run_sweep
-
-    result = run_sweep(job, overrides)
-    return result.path, result.complete
