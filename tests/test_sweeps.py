@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tokctl.cli import app
 from tokctl.errors import UserError
-from tokctl.sweep import Plan, parse_request, still_running
+from tokctl.sweep import number_points, parse_request, still_running
 
 runner = CliRunner()
 
@@ -52,15 +52,12 @@ def test_parse_request_splits_resume_and_hydra_overrides():
         parse_request(["hydra.sweep.subdir=x"])
 
 
-def test_plan_gives_each_point_a_stable_folder():
-    plan = Plan()
-    a = plan.add(["method=ar", "seed=1"])
-    b = plan.add(["method=hf", "seed=1"])
-    assert (a.dir, b.dir) == ("0", "1")
-    again = Plan.from_json({"points": [{"num": 0, "overrides": ["method=ar", "seed=1"]},
-                                       {"num": 1, "overrides": ["method=hf", "seed=1"]}]})
-    assert again.add(["seed=1", "method=hf"]).num == 1  # the same point, in any order
-    assert again.add(["method=xx", "seed=1"]).num == 2  # a new point of a grown grid
+def test_each_point_keeps_its_folder_number():
+    plan = []
+    assert number_points(plan, [["method=ar", "seed=1"], ["method=hf", "seed=1"]]) == [0, 1]
+    # the same points in any order, and a new point of a grown grid appended
+    assert number_points(plan, [["method=xx", "seed=1"], ["seed=1", "method=hf"]]) == [2, 1]
+    assert plan == [["method=ar", "seed=1"], ["method=hf", "seed=1"], ["method=xx", "seed=1"]]
 
 
 def test_a_running_status_is_trusted_only_while_its_process_lives(tmp_path):

@@ -1,23 +1,17 @@
 """Sweeps: ``tokctl <command> -m key=a,b other=x,y``, run by Hydra's own multirun.
 
-tokctl composes every point first (a typo fails in one line, before any folder), then hands the
-overrides to ``hydra.main`` in multirun mode: Hydra's basic sweeper expands the grid and the
-configured launcher runs it (``basic``: one after another in this process; ``submitit_local``:
-parallel processes; ``submitit_slurm``: a SLURM job array). One folder holds the whole sweep::
+tokctl composes every point first (a typo fails in one line, before any folder is made), then
+calls ``hydra.main`` in multirun mode: Hydra's basic sweeper expands the grid and the configured
+launcher runs it (basic: here, one point after another; submitit_local: parallel processes;
+submitit_slurm: a SLURM job array). The sweep folder (runs/<command>/<date>/<time>_sweep, or
+hydra.sweep.dir=PATH) holds sweep.json (every point's overrides, folder, status, attempts and
+scalar metrics; each invocation), Hydra's multirun.yaml, one run folder per point (0/, 1/, ...:
+``hydra.sweep.subdir`` looks the number up in sweep.json, so it never changes) and .attempts/.
 
-    <sweep>/            runs/<command>/<date>/<time>_sweep, or hydra.sweep.dir=PATH
-      sweep.json        every point's overrides, folder, status, attempts and scalar metrics;
-                        the launcher; each invocation's wall time
-      multirun.yaml     the sweep's config, saved by Hydra's sweeper
-      0/ 1/ ...         one run folder per point, numbered once and for good
-      .attempts/3-1/    earlier attempts of points a resume ran again (kept, never deleted)
-
-``+resume=true`` reruns the newest earlier sweep of the same overrides (``+resume=PATH``: that
-folder; ``hydra.sweep.dir=PATH +resume=true``: that folder, started fresh if it holds no sweep).
-The whole grid is launched again and each point's task returns at once if the point completed
-(or still runs elsewhere); the others run again, their earlier attempt moved to ``.attempts/``.
-Points added to the grid get new folders; sweep.json maps overrides to folders, and the sweep's
-``hydra.sweep.subdir`` looks each point's folder up there.
+``+resume=true`` reruns the newest sweep of the same overrides (``+resume=PATH`` or
+``hydra.sweep.dir=PATH +resume=true``: that one). The whole grid is launched again; the task of
+a point that completed, or still runs elsewhere, returns at once; the others run again, their
+earlier attempt kept in .attempts/<num>-<k>. Points added to the grid get new folders.
 """
 
 from __future__ import annotations
@@ -30,8 +24,8 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 from omegaconf import OmegaConf
@@ -44,27 +38,13 @@ from tokctl.runs import (atomic_write_json, check_writable, interrupts_as_except
                          read_json, read_status)
 
 SWEEP_JSON, ATTEMPTS, LOCK = "sweep.json", ".attempts", ".lock"
-STOP = ".stop"  # made when a sweep is interrupted: its jobs that have not started yet never start
-TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off", "null", "none", "")
+STOP = ".stop"  # made when a sweep is interrupted: its jobs that have not started never start
 
 
-# --------------------------------------------------------------------------- request and plan
-@dataclass
-class Request:
-    """A sweep as typed: the task overrides (with sweep syntax), Hydra's own, and resume."""
-
-    task: list[str]
-    hydra: list[str]
-    sweep_dir: str | None = None
-    resume: str | None = None  # None, "true" (the newest matching sweep) or a sweep folder
-
-    @property
-    def spec(self) -> list[str]:  # what finds the sweep again: its task overrides, in any order
-        return sorted(self.task)
-
-
-def parse_request(overrides: list[str]) -> Request:
-    req = Request(task=[], hydra=[])
+def parse_request(overrides: list[str]) -> SimpleNamespace:
+    """Split what was typed: task overrides (with sweep syntax), Hydra's own, the sweep folder
+    and ``resume`` (None, "true": the newest matching sweep, or a sweep folder)."""
+    req = SimpleNamespace(task=[], hydra=[], sweep_dir=None, resume=None)
     for o in overrides:
         key, eq, value = o.partition("=")
         if o.startswith("-"):
@@ -72,70 +52,41 @@ def parse_request(overrides: list[str]) -> Request:
                             f"(see --help)")
         if eq and key.lstrip("+") == "resume":
             v = value.strip().lower()
-            req.resume = None if v in FALSE else "true" if v in TRUE else value
-        elif key == "hydra.run.dir":
-            raise UserError("hydra.run.dir places a single run; a sweep's folder is set with "
-                            "hydra.sweep.dir=PATH")
+            req.resume = None if v in ("false", "no", "0", "off", "null", "none", "") else \
+                "true" if v in ("true", "yes", "1", "on") else value
+        elif key in ("hydra.run.dir", "hydra.sweep.subdir"):
+            raise UserError(f"{key}: a sweep's folder is set with hydra.sweep.dir=PATH, and "
+                            f"tokctl names the point folders itself (0, 1, ...; see sweep.json)")
         elif key == "hydra.sweep.dir":
             req.sweep_dir = value
-        elif key == "hydra.sweep.subdir":
-            raise UserError("hydra.sweep.subdir: tokctl names the point folders itself (0, 1, ...; "
-                            "sweep.json maps them to their overrides)")
-        elif o.lstrip("+").startswith(("hydra.", "hydra/")):
-            req.hydra.append(o)
         else:
-            req.task.append(o)
+            (req.hydra if o.lstrip("+").startswith(("hydra.", "hydra/")) else req.task).append(o)
+    req.spec = sorted(req.task)  # what finds the sweep again, in any order
     return req
 
 
-@dataclass
-class Point:
-    num: int
-    overrides: list[str]
-
-    @property
-    def dir(self) -> str:
-        return str(self.num)
-
-    @property
-    def key(self) -> tuple[str, ...]:
-        return tuple(sorted(self.overrides))
-
-
-@dataclass
-class Plan:
-    """Every point the sweep folder has ever held, each with its folder number for good."""
-
-    points: list[Point] = field(default_factory=list)
-
-    def add(self, overrides: list[str]) -> Point:
-        key = tuple(sorted(overrides))
-        found = next((p for p in self.points if p.key == key), None)
-        if found is None:
-            found = Point(1 + max((p.num for p in self.points), default=-1), list(overrides))
-            self.points.append(found)
-        return found
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> "Plan":
-        return cls([Point(int(p["num"]), list(p["overrides"])) for p in (data or {}).get("points", [])])
+def number_points(plan: list[list[str]], grid: list[list[str]]) -> list[int]:
+    """Each grid point's folder number: its place in the plan, where new points are appended."""
+    keys = [sorted(p) for p in plan]
+    for point in grid:
+        if sorted(point) not in keys:
+            plan.append(point)
+            keys.append(sorted(point))
+    return [keys.index(sorted(point)) for point in grid]
 
 
 def point_folder(*, _root_) -> str:
-    """``hydra.sweep.subdir`` of every tokctl sweep: the point's folder, looked up in sweep.json
-    by its overrides. Resolved by Hydra wherever the job runs (this process or a submitit job)."""
-    key = tuple(sorted(_root_.hydra.overrides.task))
-    plan = Plan.from_json(read_json(Path(_root_.hydra.sweep.dir) / SWEEP_JSON))
-    return next(p.dir for p in plan.points if p.key == key)
+    """``hydra.sweep.subdir``, resolved by Hydra wherever the point runs: its folder number."""
+    plan = [p["overrides"] for p in read_json(Path(_root_.hydra.sweep.dir) / SWEEP_JSON)["points"]]
+    return str(number_points(plan, [list(_root_.hydra.overrides.task)])[0])
 
 
 OmegaConf.register_new_resolver("tokctl_point", point_folder, replace=True)
 
 
-# ------------------------------------------------------------------------------ one point's task
 class PointTask:
-    """Hydra's task function for one point, in this process or in a submitit job (a module-level
-    class, so that submitit pickles it by reference)."""
+    """Hydra's task function: one point, here or in a submitit job (a class at module level, so
+    that submitit pickles it by reference)."""
 
     def __init__(self, job: Job, sweep_dir: Path, to_run: list[int], threads: int | None):
         self.job, self.sweep_dir, self.to_run, self.threads = job, sweep_dir, set(to_run), threads
@@ -146,23 +97,23 @@ class PointTask:
 
         sys.argv = self.argv  # hydra.main read its arguments there: the run records the user's
         out = Path(HydraConfig.get().runtime.output_dir)
-        in_process = os.getpid() == self.parent_pid
-        extra = () if in_process else preemption_signals()
+        here = os.getpid() == self.parent_pid
+        extra = () if here else preemption_signal()
         try:
             with interrupts_as_exceptions(extra):
                 status = read_status(out)
                 if int(out.name) not in self.to_run or status == "completed":
-                    return status or "not run"  # a resume: completed earlier, or running elsewhere
+                    return status or "not run"  # resumed: completed, or running elsewhere
                 if (self.sweep_dir / STOP).exists():
                     return discard_unstarted(out)
                 if status is not None:  # an earlier attempt (a scheduler's requeue, say)
                     set_aside(self.sweep_dir, out)
                 if self.threads and str(cfg.get("threads", "")) in ("auto", "0", "None"):
-                    cfg.threads = self.threads
+                    cfg.threads = self.threads  # parallel jobs share this machine's CPUs
                 OmegaConf.resolve(cfg)
                 return execute(self.job, cfg, out, extra_signals=extra)[0]
         except KeyboardInterrupt:
-            if in_process:
+            if here:
                 raise  # the basic launcher: the sweep stops here
             return read_status(out) or discard_unstarted(out)
         except UserError as exc:
@@ -172,10 +123,9 @@ class PointTask:
         return "failed"
 
 
-def preemption_signals() -> tuple[int, ...]:
-    """In a submitit job, the signal submitit warns of a time limit or pre-emption with (SIGUSR2
-    unless SUBMITIT_PREEMPT_SIGNAL says otherwise): the run stops like on SIGTERM, keeps its
-    samples, says ``interrupted``, and a resume reruns it."""
+def preemption_signal() -> tuple[int, ...]:
+    """In a submitit job: the signal that warns of a time limit or pre-emption (SIGUSR2 unless
+    SUBMITIT_PREEMPT_SIGNAL says otherwise). The run stops as on SIGTERM, samples kept."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):
         return ()
     import submitit
@@ -184,17 +134,14 @@ def preemption_signals() -> tuple[int, ...]:
 
 
 def discard_unstarted(out: Path) -> str:
-    """A point folder holding only Hydra's .hydra/: the job never started, so neither did its run."""
     if out.is_dir() and all(p.name == ".hydra" for p in out.iterdir()):
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)  # only what Hydra wrote: nothing ran there
     return "not started"
 
 
 def set_aside(sweep_dir: Path, folder: Path) -> None:
-    """Move an earlier attempt of a point (all but this attempt's .hydra/) to .attempts/<num>-<k>,
-    so that nothing it wrote is lost and the rerun starts clean."""
-    k = 1 + len(attempts(sweep_dir, folder.name))
-    dest = sweep_dir / ATTEMPTS / f"{folder.name}-{k}"
+    """Move an earlier attempt (all but this attempt's .hydra/) to .attempts/<num>-<k>."""
+    dest = sweep_dir / ATTEMPTS / f"{folder.name}-{1 + len(attempts(sweep_dir, folder.name))}"
     dest.mkdir(parents=True)
     for item in folder.iterdir():
         if item.name != ".hydra":
@@ -202,14 +149,15 @@ def set_aside(sweep_dir: Path, folder: Path) -> None:
 
 
 def attempts(sweep_dir: Path, name: str) -> list[str]:
-    found = (sweep_dir / ATTEMPTS).glob(f"{name}-*")
-    return [f"{ATTEMPTS}/{p.name}" for p in sorted(found, key=lambda p: int(p.name.split("-")[-1]))]
+    found = sorted((sweep_dir / ATTEMPTS).glob(f"{name}-*"), key=lambda p: int(p.name.split("-")[1]))
+    return [f"{ATTEMPTS}/{p.name}" for p in found]
 
 
 def still_running(run: Path) -> bool:
     """Whether a point that says ``running`` really runs (its process on this host, or its SLURM
-    job as submitit sees it), rather than being a run killed too hard to say so."""
+    job as submitit sees it), rather than having been killed too hard to say so."""
     env = read_json(run / "env.json") or {}
+    slurm = env.get("env") or {}
     if env.get("pid") and env.get("host") == socket.gethostname():
         try:
             os.kill(int(env["pid"]), 0)
@@ -218,30 +166,22 @@ def still_running(run: Path) -> bool:
         except PermissionError:
             pass
         return True
-    slurm = env.get("env") or {}
     if "SLURM_JOB_ID" in slurm and shutil.which("sacct"):
         import submitit
 
-        job_id = (f"{slurm['SLURM_ARRAY_JOB_ID']}_{slurm['SLURM_ARRAY_TASK_ID']}"
-                  if "SLURM_ARRAY_JOB_ID" in slurm else slurm["SLURM_JOB_ID"])
+        job_id = slurm["SLURM_JOB_ID"] if "SLURM_ARRAY_JOB_ID" not in slurm else \
+            f"{slurm['SLURM_ARRAY_JOB_ID']}_{slurm['SLURM_ARRAY_TASK_ID']}"
         return not submitit.SlurmJob(run.parent / ".submitit" / "%j", job_id).done(force_check=True)
     return False
 
 
-# ---------------------------------------------------------------------------------- the sweep
-@dataclass
-class SweepResult:
-    path: Path
-    state: str  # finished | interrupted
-    complete: bool  # every point of the grid completed
-
-
-def run_sweep(job: Job, overrides: list[str]) -> SweepResult:
+def run_sweep(job: Job, overrides: list[str]) -> SimpleNamespace:
+    """Returns the sweep's path, its state (finished | interrupted) and whether every point of
+    the grid completed."""
     req = parse_request(overrides)
     grid = sweep_points(req.task)
     load_target(job)
-    hydra_cfg = launcher_config(job, req)
-    kind = launcher_kind(hydra_cfg)
+    launcher, kind = launcher_of(job, req.hydra)
     if kind == "slurm" and not shutil.which("sbatch"):
         raise UserError("this launcher submits SLURM jobs with sbatch, which is not on PATH: run "
                         "the sweep on the cluster's login node, or use "
@@ -255,62 +195,58 @@ def run_sweep(job: Job, overrides: list[str]) -> SweepResult:
     sweep_dir = sweep_folder(req, job, Path(str(configs[0].get("runs_dir") or "runs"))).resolve()
 
     with sweep_lock(sweep_dir):
-        earlier = read_json(sweep_dir / SWEEP_JSON)
-        if earlier is not None and req.resume is None:
+        summary = read_json(sweep_dir / SWEEP_JSON)
+        if summary is not None and req.resume is None:
             raise UserError(f"{sweep_dir} already holds a sweep; add +resume=true to rerun its "
                             f"unfinished points, or choose another hydra.sweep.dir=PATH")
-        plan = Plan.from_json(earlier)
-        points = [plan.add(point) for point in grid]
+        summary = summary or {"created": _now()}
+        plan = [p["overrides"] for p in summary.get("points", [])]
+        nums = number_points(plan, grid)
         (sweep_dir / STOP).unlink(missing_ok=True)
-        status = {p.num: read_status(sweep_dir / p.dir) for p in points}
-        skipped = [p.num for p in points if status[p.num] == "completed"]
-        busy = [p.num for p in points
-                if status[p.num] == "running" and still_running(sweep_dir / p.dir)]
-        to_run = [p.num for p in points if p.num not in skipped + busy]
-        untyped = not any(o.partition("=")[0].lstrip("+") == "threads" for o in req.task)
-        threads = (max(1, len(os.sched_getaffinity(0)) // len(to_run))
-                   if kind == "local" and len(to_run) > 1 and untyped else None)
-
-        summary = {**(earlier or {}), "command": job.command, "spec": req.spec,
-                   "launcher": str(hydra_cfg.runtime.choices.get("hydra/launcher") or kind),
-                   "state": "running"}
-        summary.setdefault("created", _now())
-        invocation = {"started": _now(), "argv": sys.argv, "host": socket.gethostname(),
-                      "launched": to_run, "skipped": skipped, "still_running": busy}
-        summary["invocations"] = [*summary.get("invocations", []), invocation]
-        write_sweep_json(sweep_dir, summary, plan, points)
+        status = {n: read_status(sweep_dir / str(n)) for n in nums}
+        skipped = [n for n in nums if status[n] == "completed"]
+        busy = [n for n in nums if status[n] == "running" and still_running(sweep_dir / str(n))]
+        to_run = [n for n in nums if n not in skipped + busy]
+        threads = None
+        if kind == "local" and len(to_run) > 1 and not any(
+                o.partition("=")[0].lstrip("+") == "threads" for o in req.task):
+            threads = max(1, len(os.sched_getaffinity(0)) // len(to_run))
+        now = {"started": _now(), "argv": sys.argv, "host": socket.gethostname(),
+               "launched": to_run, "skipped": skipped, "still_running": busy}
+        summary.update(command=job.command, spec=req.spec, launcher=launcher, state="running",
+                       invocations=[*summary.get("invocations", []), now])
+        write_sweep_json(sweep_dir, summary, plan, nums)
         err_console.print(f"[bold]sweep[/] {sweep_dir}: {len(to_run)} to run with launcher "
-                          f"{summary['launcher']}" + (f", {len(skipped)} completed earlier "
-                          f"(skipped)" if skipped else "") + (f", {len(busy)} still running "
-                          f"elsewhere (left alone)" if busy else "") + (f"; threads={threads} per "
-                          f"parallel job" if threads else ""), soft_wrap=True)
-
+                          f"{launcher}, {len(skipped)} completed earlier, {len(busy)} still "
+                          f"running elsewhere" + (f"; threads={threads} per job" if threads else ""),
+                          soft_wrap=True)
+        args = [*req.task, *req.hydra, common_searchpath(), f"hydra.sweep.dir={sweep_dir}",
+                "hydra.sweep.subdir=${tokctl_point:}", f"hydra.job.name=tokctl-{job.run_folder_name}"]
+        args += [f"{g}=none" for g in ("hydra/job_logging", "hydra/hydra_logging")
+                 if not any(o.startswith(g) for o in req.hydra)]  # Hydra's logs: off unless asked
         stop: list[int] = []
         start = time.perf_counter()
         try:
             if to_run:
                 with sweep_signals(kind, sweep_dir, stop):
-                    hydra_multirun(job, PointTask(job, sweep_dir, to_run, threads), [
-                        *req.task, *req.hydra, *quiet_logging(req.hydra), common_searchpath(),
-                        f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${tokctl_point:}",
-                        f"hydra.job.name=tokctl-{job.run_folder_name}"])
+                    hydra_multirun(job, PointTask(job, sweep_dir, to_run, threads), args)
         except KeyboardInterrupt:
             stop.append(signal.SIGINT)
         except Exception as exc:  # noqa: BLE001 - a launcher's failure: one line, statuses kept
-            invocation["launcher_error"] = one_line(f"{type(exc).__name__}: {exc}")
-            err_console.print(f"[bold red]error:[/] the launcher failed: "
-                              f"{invocation['launcher_error']}", soft_wrap=True)
+            now["launcher_error"] = one_line(f"{type(exc).__name__}: {exc}")
+            err_console.print(f"[bold red]error:[/] the launcher failed: {now['launcher_error']}",
+                              soft_wrap=True)
         finally:
-            invocation.update(finished=_now(), wall_s=round(time.perf_counter() - start, 3))
+            now.update(finished=_now(), wall_s=round(time.perf_counter() - start, 3))
             summary["state"] = "interrupted" if stop else "finished"
-            rows = write_sweep_json(sweep_dir, summary, plan, points)
-    in_grid = [r for r in rows if r["in_grid"]]
-    return SweepResult(sweep_dir, summary["state"],
-                       all(r["status"] == "completed" for r in in_grid))
+            rows = write_sweep_json(sweep_dir, summary, plan, nums)
+    return SimpleNamespace(path=sweep_dir, state=summary["state"],
+                           complete=all(r["status"] == "completed" for r in rows if r["in_grid"]))
 
 
-def launcher_config(job: Job, req: Request):
-    """Hydra's part of the sweep's config, composed with its hydra overrides: which launcher."""
+def launcher_of(job: Job, hydra_overrides: list[str]) -> tuple[str, str]:
+    """The launcher's name (as chosen) and kind: basic (here), local (submitit processes),
+    slurm, or other."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -318,34 +254,23 @@ def launcher_config(job: Job, req: Request):
 
     try:
         with initialize_config_dir(config_dir=str(conf_dir(job.conf)), version_base="1.3"):
-            return hydra_compose(job.config_name, [*req.hydra, common_searchpath()],
-                                 return_hydra_config=True).hydra
+            hydra = hydra_compose(job.config_name, [*hydra_overrides, common_searchpath()],
+                                  return_hydra_config=True).hydra
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         msg = one_line(str(exc)).split(" Config search path:")[0]
         if "hydra/launcher" in msg and not _has_submitit():
             msg += " (the submitit launchers need: pip install 'tokctl[slurm]')"
         raise UserError(msg.replace("Available options in", "; available options in")) from None
+    target = str(hydra.launcher.get("_target_", ""))
+    kind = "basic" if target.endswith("BasicLauncher") else "other" if "submitit" not in target \
+        else "slurm" if target.endswith("SlurmLauncher") else "local"
+    return str(hydra.runtime.choices.get("hydra/launcher") or kind), kind
 
 
 def _has_submitit() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
-
-
-def launcher_kind(hydra_cfg) -> str:
-    """basic (in this process), local (submitit processes), slurm, or other."""
-    target = str(hydra_cfg.launcher.get("_target_", ""))
-    if target.endswith("BasicLauncher"):
-        return "basic"
-    return ("slurm" if target.endswith("SlurmLauncher") else "local") if "submitit" in target \
-        else "other"
-
-
-def quiet_logging(hydra_overrides: list[str]) -> list[str]:
-    """Hydra's log files and console lines stay off unless asked for."""
-    return [f"{g}=none" for g in ("hydra/job_logging", "hydra/hydra_logging")
-            if not any(o.startswith(g + "=") for o in hydra_overrides)]
 
 
 def hydra_multirun(job: Job, task: PointTask, args: list[str]) -> None:
@@ -357,7 +282,7 @@ def hydra_multirun(job: Job, task: PointTask, args: list[str]) -> None:
                       version_base="1.3")(task)
     argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [argv[0], "--multirun", *args]
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # a launcher's error reaches tokctl, not exit(1)
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # a launcher's error reaches tokctl, rather than exit(1)
     try:
         main()
     finally:
@@ -371,13 +296,14 @@ def hydra_multirun(job: Job, task: PointTask, args: list[str]) -> None:
 def sweep_signals(kind: str, sweep_dir: Path, stop: list[int]) -> Iterator[None]:
     """SIGINT/SIGTERM while the launcher runs.
 
-    basic: the points run here; a signal interrupts the current one and ends the sweep.
+    basic: a signal interrupts the point running here and ends the sweep.
     local: Ctrl-C reaches every job (one process group) and each saves what it finished. SIGINT
-    stays blocked here meanwhile, and the jobs inherit the block until their own handler is up,
-    so submitit's job controllers never see it (they would SIGKILL their job a second later);
-    this process takes its pending SIGINT once the jobs are done. A SIGTERM sent to this process
-    alone is passed on to the running points. Jobs not started yet do not start.
-    slurm and others: stop waiting; jobs not started yet do not start, running ones finish.
+    stays blocked here meanwhile and the jobs inherit the block until their handler is up, so
+    that submitit's job controllers never see it (they would SIGKILL their job a second later);
+    this process takes its pending SIGINT when the jobs are done. A SIGTERM sent to this process
+    alone is passed on to the running points.
+    slurm, other: stop waiting; running jobs finish.
+    Every kind: jobs that have not started yet never start.
     """
     if kind == "basic":
         with interrupts_as_exceptions():
@@ -389,12 +315,11 @@ def sweep_signals(kind: str, sweep_dir: Path, stop: list[int]) -> Iterator[None]
         (sweep_dir / STOP).touch()
         if kind != "local":
             raise KeyboardInterrupt
-        for env_json in sweep_dir.glob("[0-9]*/env.json"):
-            pid = (read_json(env_json) or {}).get("pid")
-            if pid and read_status(env_json.parent) == "running":
+        for env in sweep_dir.glob("[0-9]*/env.json"):
+            if read_status(env.parent) == "running":
                 try:
-                    os.kill(int(pid), signal.SIGTERM)
-                except OSError:
+                    os.kill(int(read_json(env)["pid"]), signal.SIGTERM)
+                except (OSError, KeyError, TypeError):
                     pass
 
     blocked = {signal.SIGINT} if kind == "local" else set()
@@ -403,7 +328,7 @@ def sweep_signals(kind: str, sweep_dir: Path, stop: list[int]) -> Iterator[None]
     try:
         yield
     finally:
-        if signal.SIGINT in signal.sigpending() & blocked:
+        if signal.sigpending() & blocked:
             stop.append(signal.sigwait(blocked))
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for s, h in old.items():
@@ -424,7 +349,8 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
         yield
 
 
-def sweep_folder(req: Request, job: Job, root: Path) -> Path:
+def sweep_folder(req: SimpleNamespace, job: Job, root: Path) -> Path:
+    base = root / job.run_folder_name
     if req.resume not in (None, "true"):
         path = Path(req.resume)
         if req.sweep_dir and Path(req.sweep_dir).resolve() != path.resolve():
@@ -441,11 +367,13 @@ def sweep_folder(req: Request, job: Job, root: Path) -> Path:
         except OSError as exc:
             raise UserError(f"cannot create the sweep folder {path}: {exc.strerror or exc}") from None
     elif req.resume == "true":
-        path = find_sweep(root / job.run_folder_name, req.spec)
-        if path is None:
-            raise UserError(f"no earlier sweep with these overrides under "
-                            f"{root / job.run_folder_name} to resume; give its folder with "
-                            f"+resume=PATH")
+        found = [(str(d.get("created")), f.stat().st_mtime, f.parent)
+                 for f in base.glob(f"*/*/{SWEEP_JSON}")
+                 if sorted((d := read_json(f) or {}).get("spec", [])) == req.spec]
+        if not found:
+            raise UserError(f"no earlier sweep with these overrides under {base} to resume; give "
+                            f"its folder with +resume=PATH")
+        path = max(found)[2]
     else:
         check_writable(root)
         return new_run_dir(root, job.run_folder_name, "sweep")
@@ -453,25 +381,16 @@ def sweep_folder(req: Request, job: Job, root: Path) -> Path:
     return path
 
 
-def find_sweep(base: Path, spec: list[str]) -> Path | None:
-    """The newest sweep under ``base`` with these overrides."""
-    found = [(str(d.get("created", "")), f.stat().st_mtime, f.parent)
-             for f in base.glob(f"*/*/{SWEEP_JSON}")
-             if sorted((d := read_json(f) or {}).get("spec", [])) == spec]
-    return max(found)[2] if found else None
-
-
-def write_sweep_json(sweep_dir: Path, summary: dict[str, Any], plan: Plan,
-                     grid: list[Point]) -> list[dict[str, Any]]:
-    in_grid = {p.num for p in grid}
+def write_sweep_json(sweep_dir: Path, summary: dict[str, Any], plan: list[list[str]],
+                     nums: list[int]) -> list[dict[str, Any]]:
     rows = []
-    for p in sorted(plan.points, key=lambda p: p.num):
-        metrics = read_json(sweep_dir / p.dir / "metrics.json") or {}
-        rows.append({"num": p.num, "dir": p.dir, "overrides": p.overrides,
-                     "status": read_status(sweep_dir / p.dir) or "pending",
-                     "in_grid": p.num in in_grid, "attempts": attempts(sweep_dir, p.dir),
+    for num, overrides in enumerate(plan):
+        metrics = read_json(sweep_dir / str(num) / "metrics.json") or {}
+        rows.append({"num": num, "dir": str(num), "overrides": overrides,
+                     "status": read_status(sweep_dir / str(num)) or "pending",
+                     "in_grid": num in nums, "attempts": attempts(sweep_dir, str(num)),
                      "metrics": {k: v for k, v in metrics.items()
-                                 if isinstance(v, (int, float, str, bool)) or v is None}})
+                                 if isinstance(v, (int, float, str, bool, type(None)))}})
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
