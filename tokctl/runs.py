@@ -437,7 +437,7 @@ def interrupts_as_exceptions(extra: tuple[int, ...] = ()) -> Iterator[None]:
         return
     outer = (_state.received, _state.deferred)
     _state.received = _state.deferred = None
-    # A parallel sweep starts its jobs with SIGINT blocked (see tokctl.sweep.parent_signals):
+    # A parallel sweep starts its jobs with SIGINT blocked (see tokctl.sweep.sweep_signals):
     # from here on the job handles it.
     old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
     try:

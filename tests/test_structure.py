@@ -1,5 +1,5 @@
-"""tokctl leans on Hydra's and submitit's public surface only: their private modules and names
-change without notice between releases."""
+"""The package's structure: Hydra's and submitit's public surface only (their private modules and
+names change without notice between releases), and no import circle between tokctl's modules."""
 
 import ast
 from pathlib import Path
@@ -54,3 +54,39 @@ env = submitit.JobEnvironment._usr_sig()
 """
     assert len(private_uses(old)) == 4
     assert private_uses("import submitit\nsubmitit.JobEnvironment.USR_SIG\n") == []
+
+
+def imports_of(path: Path, module: str, modules: set[str]) -> set[str]:
+    """The tokctl modules one module imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = module.split(".")[:len(module.split(".")) - node.level + (path.name == "__init__.py")]
+            mod = ".".join(base + [node.module or ""]).strip(".") if node.level else node.module or ""
+            names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n in modules and n != module}
+    return found
+
+
+def test_no_import_circle():
+    """cli -> jobs / sweep -> commands -> models and kernels: nothing imports back up."""
+    files = {".".join(f.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in PACKAGE.rglob("*.py")}
+    graph = {m: imports_of(f, m, set(files)) for m, f in files.items()}
+    state: dict[str, str] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            assert state.get(d) != "open", f"import circle: {' -> '.join(path + [d])}"
+            if d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
