@@ -32,8 +32,14 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture
 def force_triton(monkeypatch):
-    """Run the Triton path of a kernel even on CPU tensors (interpreter mode)."""
+    """Run the Triton path of a kernel even on CPU tensors (interpreter mode). Triton is a test
+    dependency: without it a kernel test would compare the reference with itself, so it fails.
+    The dispatch counts start at zero: a test asserts ``kernels.counts()["triton"]``."""
+    from tokctl import kernels
+
+    assert kernels.triton_available(), f"Triton does not import: {kernels.triton_import_error()}"
     monkeypatch.setenv("TOKCTL_TRITON", "1")
+    kernels.reset_counts()
     yield
 
 

@@ -91,6 +91,9 @@ def _pick_split(ds, split: str | None, where: str):
         if split not in names:
             raise UserError(f"data.split={split}: {where} has the splits {', '.join(names)}")
         return ds[split]
+    if split is not None and str(ds.split) != split:
+        raise UserError(f"data.split={split}: {where} holds one split ({ds.split}); "
+                        f"leave data.split unset")
     return ds
 
 
