@@ -24,9 +24,7 @@ import importlib
 import json
 import math
 import pkgutil
-import statistics
 import sys
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,24 +134,18 @@ def cuda_timer(warmup: int, repeats: int, flush_l2: bool = True) -> Callable[[Ca
 def wall_timer(warmup: int, repeats: int) -> Callable[[Callable], list[float]]:
     """The same on a CPU (dry runs of this script): wall-clock milliseconds per call."""
 
+    from tokctl import measure
+
     def time_ms(fn: Callable) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        out = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            out.append(1e3 * (time.perf_counter() - t))
-        return out
+        return [1e3 * s for s in measure.round_robin({"fn": fn}, repeats, warmup)["fn"]]
 
     return time_ms
 
 
 def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[0], statistics.median(xs), q[2]
+    from tokctl import measure  # tokctl's one quantile definition
+
+    return measure.quantiles(xs)
 
 
 # ------------------------------------------------------------------------------------ cases

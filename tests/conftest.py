@@ -15,10 +15,31 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Every cache tokctl writes (converted models, verify-cost tables, datasets' Arrow files) goes
+    to one folder of this test session, never the user's ~/.cache. One folder for the session, so
+    that the embedded model is converted once, not in each test; subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("tokctl-cache")
+    before = os.environ.get("TOKCTL_CACHE_DIR")
+    os.environ["TOKCTL_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("TOKCTL_CACHE_DIR", None)
+    else:
+        os.environ["TOKCTL_CACHE_DIR"] = before
+
+
 @pytest.fixture
 def force_triton(monkeypatch):
-    """Run the Triton path of a kernel even on CPU tensors (interpreter mode)."""
+    """Run the Triton path of a kernel even on CPU tensors (interpreter mode). Triton is a test
+    dependency: without it a kernel test would compare the reference with itself, so it fails.
+    The dispatch counts start at zero: a test asserts ``kernels.counts()["triton"]``."""
+    from tokctl import kernels
+
+    assert kernels.triton_available(), f"Triton does not import: {kernels.triton_import_error()}"
     monkeypatch.setenv("TOKCTL_TRITON", "1")
+    kernels.reset_counts()
     yield
 
 

@@ -39,9 +39,19 @@ REPORT_COLUMNS = {
 def load_config(run: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
+    path = run / "config.yaml"
+    if not path.is_file():
+        return {}
     try:
-        return OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=False)
-    except Exception:  # noqa: BLE001 - a damaged config should not hide the rest
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged config must not hide the rest: say so
+        from rich.markup import escape
+
+        from tokctl.console import err_console
+        from tokctl.errors import one_line_error
+
+        err_console.print(f"[yellow]warning[/]: {escape(str(path))} is damaged, its settings are "
+                          f"left out ({escape(one_line_error(exc))})", soft_wrap=True)
         return {}
 
 

@@ -1,6 +1,6 @@
 """The run folder: where every command writes what it did, so that nothing finished is ever lost.
 
-Layout (see DESIGN.md)::
+Layout::
 
     config.yaml     resolved config, written before any work starts
     env.json        versions, device, threads, git commit, command line

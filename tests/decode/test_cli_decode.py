@@ -102,8 +102,9 @@ def test_run_on_tiny_model_writes_the_run_folder(tiny_lm_dir, tmp_path):
     assert out.strip().splitlines()[-1] == str(run)
     assert (run / "status").read_text().strip() == "completed"
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("tokens_per_s", "baseline_tokens_per_s", "speedup", "mean_accepted_tokens",
-                "identical_to_baseline", "new_tokens", "num_samples", "per_category"):
+    for key in ("tokens_per_s", "baseline_tokens_per_s", "speedup", "speedup_median",
+                "speedup_q25", "speedup_q75", "mean_accepted_tokens", "identical_to_baseline",
+                "new_tokens", "num_samples", "per_category", "kernel"):
         assert key in metrics
     assert metrics["num_samples"] == 3
     assert metrics["identical_to_baseline"] == 1.0

@@ -62,6 +62,10 @@ def test_eval_against_jpeg_and_webp(tiny_tokenizer_file, photo_folder, tmp_path)
         assert row["bytes_target"] == 13 and row["over_budget"] == 3  # none fits in 13 bytes
     assert m["best_by_budget"][0]["best_ssim"] == "onedpiece"
     assert set(m["speed"]) == {"onedpiece", "jpeg", "webp"}
+    for kind in ("encode", "decode"):  # the tokenizer against JPEG, interleaved, same keys
+        figures = m["speed"]["onedpiece"]["vs_jpeg"][kind]
+        assert set(figures) == {"speedup", "speedup_median", "speedup_q25", "speedup_q75"}
+    assert m["images_skipped"] == 0 and m["skipped"] == {}
     assert m["monotonic_in_tokens"]["onedpiece"]["ssim"] is True
 
 
@@ -98,3 +102,17 @@ def test_best_by_budget_counts_smaller_files_within_a_budget():
     assert best[80]["best_ssim"] == "grid" and best[80]["candidates"] == ["grid"]
     assert best[104]["best_ssim"] == "grid" and best[104]["best_rfid"] == "grid"
     assert best[104]["candidates"] == ["grid", "oned"]  # JPEG could not reach 104 bytes
+
+
+def test_default_photos_that_cannot_be_had_are_counted_not_dropped(monkeypatch):
+    import skimage.data
+
+    from tokctl.imagetok.data import eval_images
+
+    def needs_download():
+        raise OSError("would need to download coins.png")
+
+    monkeypatch.setattr(skimage.data, "coins", needs_download)
+    names, images, skipped = eval_images(None, 16)
+    assert "coins" not in names and "OSError" in skipped["coins"]
+    assert len(images) == len(names) > 0

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tokctl import kernels
 from tokctl.kernels.tree_attention import tree_attention, tree_attention_ref, tree_attention_triton
 
 
@@ -32,6 +33,7 @@ def test_kernel_matches_reference(force_triton, heads, kv_heads, dim, prefix, pa
     ref = tree_attention_ref(q, k, v, prefix, m)
     torch.testing.assert_close(tree_attention_triton(q, k, v, prefix, m), ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(tree_attention(q, k, v, prefix, m), ref, atol=2e-5, rtol=1e-4)
+    assert kernels.counts() == {"triton": 1}  # the dispatcher took the Triton path
 
 
 def test_causal_when_no_mask(force_triton):
@@ -81,3 +83,21 @@ def test_fast_target_runs_on_the_kernel(force_triton):
     out = t.forward([ids[8], wrong, ids[9], ids[10]], [-1, 0, 0, 2])
     for node, pos in ((0, 8), (2, 9), (3, 10)):
         torch.testing.assert_close(out[node], ref[pos], atol=1e-4, rtol=1e-4)
+    # the verification forward ran its attention on the Triton kernel, through the production path
+    assert kernels.counts().get("triton", 0) >= cfg.num_hidden_layers
+
+
+def test_reference_on_a_gpu_without_triton_is_a_warning_and_a_field(monkeypatch, capsys):
+    """The slow reference serving GPU tensors is never silent: one warning line, and the dispatch
+    counts that commands write to metrics.json as ``kernel``."""
+    monkeypatch.setattr(kernels, "triton_import_error", lambda: "ImportError: no triton")
+    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.setenv("TOKCTL_TRITON", "auto")
+    kernels.reset_counts()
+    gpu_like = torch.empty(0)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert kernels.use_triton(gpu_like) is False
+    assert kernels.use_triton(gpu_like) is False
+    assert kernels.path_taken() == "reference"
+    out = capsys.readouterr().out
+    assert out.count("warning") == 1 and "kernel: reference" in out

@@ -72,7 +72,7 @@ def test_fit_converts_channels_and_size():
 
 
 def test_saved_datasets_library_dataset(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a core dependency: this test always runs
     images = [Image.fromarray(np.full((12, 12), v, np.uint8)) for v in (0, 100, 200)]
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["Cat", "dog"])})
     ds = datasets.Dataset.from_dict({"img": images, "label": [0, 1, 1]}, features=features)

@@ -37,6 +37,9 @@ def test_tome_on_an_image_folder(tmp_path):
     for key in ("images_per_s", "baseline_images_per_s", "speedup", "gflops", "baseline_gflops", "top1",
                 "baseline_top1", "agreement", "kl", "tokens_per_layer", "patch_feature_cosine"):
         assert key in m
+    assert set(m) >= {"speedup", "speedup_median", "speedup_q25", "speedup_q75"}
+    assert m["speedup_q25"] <= m["speedup_median"] <= m["speedup_q75"]
+    assert m["kernel"] == "reference"  # CPU tensors: the torch merge, and metrics.json says so
     assert m["top1"] is None and m["baseline_top1"] is None  # unlabelled folder
     assert m["num_images"] == 6 and m["num_skipped"] == 1 and m["skipped"][0].startswith("bad.png")
     assert m["tokens_per_layer"] == [65, 61, 57] and m["gflops"] < m["baseline_gflops"]
@@ -51,6 +54,26 @@ def test_diffrate_searches_on_held_out_images_and_saves_rates(tmp_path):
     assert m["num_images"] == 6  # the 4 calibration images are not evaluated
     rates = json.loads((path / "diffrate_rates.json").read_text())
     assert len(rates["prune_kept"]) == 3
+
+
+def test_calibration_without_the_training_split_is_a_warning_and_a_field(tmp_path, capsys):
+    import gzip
+
+    root = tmp_path / "fm"  # the test split only: the training split cannot be found here
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name, array in (("t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (12, 28, 28))),
+                        ("t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, (12,)))):
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+        with gzip.open(root / name, "wb") as f:
+            f.write(header + array.astype(np.uint8).tobytes())
+    status, _, m = _run(tmp_path, "method=diffrate", "method.search.steps=2",
+                        "method.search.batch_size=2", "calibration.images=4", f"data.root={root}",
+                        "data.limit=null")
+    assert status == "completed"
+    assert "train split not found" in m["calibration_fallback"]
+    assert m["calibration"].startswith("the last 4 images") and m["num_images"] == 8
+    assert "warning" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tokctl import kernels
 from tokctl.kernels import token_merge as tm
 
 
@@ -14,6 +15,7 @@ def test_triton_merge_matches_reference(force_triton, batch, n, c, r):
     size = torch.randint(1, 5, (batch, n, 1), generator=g).float()
     ref = tm.token_merge_ref(x, size, metric, r)
     got = tm.token_merge(x, size, metric, r)
+    assert kernels.counts() == {"triton": 1}  # the dispatcher really took the Triton path
     assert got.x.shape == (batch, n - r, c)
     torch.testing.assert_close(got.x, ref.x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.size, ref.size)

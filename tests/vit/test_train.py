@@ -10,7 +10,8 @@ import torch
 
 from tokctl.jobs import JOBS, run_single
 from tokctl.vit import default_model, fashion_mnist
-from tokctl.vit.train import augment, cosine_lr
+from tokctl.lr_schedule import warmup_cosine
+from tokctl.vit.train import augment
 
 ARCH = ["model.hidden_size=16", "model.num_hidden_layers=2", "model.num_attention_heads=2",
         "model.patch_size=4", "threads=1"]
@@ -43,8 +44,21 @@ def test_augment_and_schedule():
     images = torch.randint(0, 255, (5, 28, 28), dtype=torch.uint8)
     out = augment(images, 2, True, g)
     assert out.shape == images.shape and out.dtype == torch.uint8
-    assert cosine_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
-    assert cosine_lr(100, 100, 1.0, 10, floor=0.01) == pytest.approx(0.01)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = warmup_cosine(opt, 100, 10, min_lr=0.01)
+    lrs = []
+    for _ in range(100):
+        lrs.append(schedule.get_last_lr()[0])
+        opt.step()
+        schedule.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up
+    assert lrs[55] == pytest.approx(0.01 + 0.99 * 0.5)  # half-way down the cosine
+    assert schedule.get_last_lr()[0] == pytest.approx(0.01)  # the floor at the last step
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    # a resumed run's schedule continues where it left off
+    resumed = warmup_cosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                            100, 10, min_lr=0.01, start_step=30)
+    assert resumed.get_last_lr()[0] == pytest.approx(lrs[30])
 
 
 def test_train_resume_export_then_train_tsm(tmp_path, tiny_fashion):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from bisect import bisect_left
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from tokctl.errors import UserError
+from tokctl.measure import median, round_robin
 
 GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
 
@@ -62,30 +62,22 @@ class VerifyCost:
 
 def measure(target, max_n: int = 96, prefix: int = 160, rounds: int = 3) -> VerifyCost:
     """Time target forwards of each grid size, round-robin over sizes so drift hits all alike;
-    the median of ``rounds`` per size after one warm-up round."""
+    the median of ``rounds`` per size after one warm-up round (:mod:`tokctl.measure`)."""
     sizes = [n for n in GRID if n < max_n] + [min(n for n in GRID if n >= min(max_n, GRID[-1]))]
     gen = torch.Generator().manual_seed(0)
     vocab = min(target.vocab_size, 1000)
     prompt = torch.randint(10, vocab, (prefix,), generator=gen).tolist()
     target.prefill(prompt, capacity=prefix + max(sizes) + 8)
-    times: dict[int, list[float]] = {n: [] for n in sizes}
-    cuda = str(target.device).startswith("cuda")
-    for r in range(rounds + 1):
-        for n in sizes:
-            toks = torch.randint(10, vocab, (n,), generator=gen).tolist()
-            # A bushy two-level tree: the mask path is exercised, as in real verification.
-            parents = [-1 if i < max(1, n // 4) else (i % max(1, n // 4)) for i in range(n)]
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            target.forward(toks, parents)
-            if cuda:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            target.commit([])
-            if r:
-                times[n].append(dt)
-    table = {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}
+
+    def verify(n: int):
+        toks = torch.randint(10, vocab, (n,), generator=gen).tolist()
+        # A bushy two-level tree: the mask path is exercised, as in real verification.
+        parents = [-1 if i < max(1, n // 4) else (i % max(1, n // 4)) for i in range(n)]
+        return lambda: target.forward(toks, parents)
+
+    times = round_robin({n: verify(n) for n in sizes}, rounds, warmup=1,
+                         device=target.device, after=lambda n: target.commit([]))
+    table = {n: median(ts) for n, ts in times.items()}
     # A larger forward never costs less: smooth out noise so the budget search is well posed.
     running = 0.0
     for n in sizes:

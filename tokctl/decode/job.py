@@ -7,12 +7,12 @@ both alike. Each sample's row is appended to samples.jsonl as soon as it is done
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
+from tokctl import kernels, measure
 from tokctl.console import console, progress_bar
 from tokctl.decode.base import DecodingMethod, Generation
 from tokctl.decode.data import Prompt, encode, load_prompts
@@ -100,18 +100,11 @@ def extra_method(item) -> DecodingMethod:
 
 
 def build_method(method_cfg) -> DecodingMethod:
-    from hydra.utils import instantiate
+    from tokctl.instantiate import instantiate
 
     params = OmegaConf.to_container(method_cfg, resolve=True)
-    if "_target_" not in params:
-        raise UserError(f"method config {params.get('name')!r} has no _target_")
-    params.pop("name", None)
-    try:
-        method = instantiate(params, _convert_="all")
-    except Exception as exc:  # noqa: BLE001 - Hydra wraps the constructor's message
-        cause = exc.__cause__ or exc
-        raise UserError(f"method {method_cfg.get('name')}: {cause}") from None
-    return method
+    name = params.pop("name", None)
+    return instantiate(params, f"method {name}")
 
 
 def eos_ids(loaded) -> frozenset[int]:
@@ -131,11 +124,7 @@ class Runner:
         self.method = method
         self.loaded = loaded
         self.chat_template = chat_template
-        self.cuda = str(device).startswith("cuda")
-
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+        self.device = device
 
     def run(self, prompt: Prompt, settings: Settings, seed: int) -> dict[str, Any]:
         tok = self.loaded.tokenizer
@@ -151,11 +140,9 @@ class Runner:
             if len(ids) >= max_pos:
                 return {"error": f"prompt has {len(ids)} tokens, more than the model's context "
                                  f"of {max_pos}"}
-            self._sync()
-            t0 = time.perf_counter()
-            gen = self.method.generate(ids, settings, generator)
-            self._sync()
-            elapsed += time.perf_counter() - t0
+            seconds, gen = measure.timed(lambda: self.method.generate(ids, settings, generator),
+                                         self.device)
+            elapsed += seconds
             gens.append(gen)
             text = tok.decode(gen.tokens, skip_special_tokens=True)
             texts.append(text)
@@ -188,6 +175,7 @@ def run(cfg, run) -> dict[str, Any]:
     from tokctl.decode.target import make_target
     from tokctl.models.loading import load_causal_lm
 
+    kernels.reset_counts()
     settings = settings_from(cfg)
     prompts = load_prompts(cfg.data)  # a bad data file fails before the model loads
     baseline_name = cfg.get("baseline")
@@ -249,10 +237,9 @@ def run(cfg, run) -> dict[str, Any]:
     try:
         with progress_bar(title, len(prompts)) as advance:
             for i, prompt in enumerate(prompts):
-                # Rotate who goes first, so that slow drift of a shared machine hits all alike.
-                shift = i % len(runners)
-                order = runners[shift:] + runners[:shift]
-                results = {r.label: r.run(prompt, settings, seed=int(cfg.seed) + i) for r in order}
+                # Who goes first rotates, so that slow drift of a shared machine hits all alike.
+                results = {r.label: r.run(prompt, settings, seed=int(cfg.seed) + i)
+                           for r in measure.rotated(runners, i)}
                 row: dict[str, Any] = {"index": i, "id": prompt.id, "category": prompt.category}
                 row.update(_against(results["method"], results.get("baseline")))
                 if baseline is not None:
@@ -271,7 +258,9 @@ def run(cfg, run) -> dict[str, Any]:
             r.method.finish()
     metrics = _metrics(rows, method, baseline, also, settings)
     print_summary(metrics, method.name, baseline.name if baseline else None)
-    _plot(run, metrics, method, also)
+    plot_error = _plot(run, metrics, method, also)
+    if plot_error:
+        metrics["plot_error"] = plot_error
     return metrics
 
 
@@ -280,13 +269,14 @@ def _against(result: dict[str, Any], base: dict[str, Any] | None) -> dict[str, A
     out = dict(result)
     if base is not None and "error" not in result and "error" not in base:
         out["identical_to_baseline"] = result["token_ids"] == base["token_ids"]
-        out["speedup"] = (base["time_s"] / result["time_s"]
-                          * result["new_tokens"] / max(1, base["new_tokens"]))
+        out["speedup"] = measure.ratio(base["time_s"], result["time_s"],
+                                       max(1, base["new_tokens"]), result["new_tokens"])
     return out
 
 
-def _plot(run, metrics: dict[str, Any], method, also) -> None:
-    """Speedup and accepted tokens per category per method, as PNGs in the run folder."""
+def _plot(run, metrics: dict[str, Any], method, also) -> str | None:
+    """Speedup and accepted tokens per category per method, as PNGs in the run folder; why they
+    could not be drawn (None when they were)."""
     from tokctl.plots import RunRecord, decode_figures
 
     records = [RunRecord(run.path, "decode", None, {}, metrics, method.name)]
@@ -295,7 +285,13 @@ def _plot(run, metrics: dict[str, Any], method, also) -> None:
     try:
         decode_figures(records, run.path)
     except Exception as exc:  # noqa: BLE001 - a failed plot must not cost the run its metrics
-        console.print(f"[yellow]could not draw the plots: {exc}[/]")
+        from rich.markup import escape
+
+        why = f"{type(exc).__name__}: {exc}"
+        console.print(f"[yellow]warning[/]: could not draw the plots ({escape(why)}); "
+                      f"metrics.json: plot_error")
+        return why
+    return None
 
 
 def _progress_info(rows: list[dict[str, Any]]) -> str:
@@ -318,7 +314,8 @@ def _metrics(rows, method, baseline, also, settings, partial: bool = False) -> d
     metrics.update(method=method.name, baseline=baseline.name if baseline else None,
                    temperature=settings.sampling.temperature, max_new_tokens=settings.max_new_tokens,
                    threads=torch.get_num_threads(), method_info=method.run_info(),
-                   baseline_info=baseline.run_info() if baseline else None)
+                   baseline_info=baseline.run_info() if baseline else None,
+                   kernel=kernels.path_taken())
     if partial:
         metrics["partial"] = True
     return metrics

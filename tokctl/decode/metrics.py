@@ -7,21 +7,12 @@ baseline, both measured in the same run); the per-sample ratios give its median 
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 from rich.table import Table
 
+from tokctl import measure
 from tokctl.console import console
-
-
-def _quantile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _group(rows: list[dict[str, Any]], has_baseline: bool) -> dict[str, Any]:
@@ -43,14 +34,8 @@ def _group(rows: list[dict[str, Any]], has_baseline: bool) -> dict[str, Any]:
         out["baseline_time_s"] = b_t
         out["baseline_tokens_per_s"] = b_new / b_t if b_t > 0 else None
         out["baseline_mean_accepted_tokens"] = b_new / b_steps if b_steps else None
-        if out["tokens_per_s"] and out["baseline_tokens_per_s"]:
-            out["speedup"] = out["tokens_per_s"] / out["baseline_tokens_per_s"]
-        else:
-            out["speedup"] = None
-        per = [r["speedup"] for r in rows if r.get("speedup") is not None]
-        out["speedup_median"] = _quantile(per, 0.5)
-        out["speedup_q25"] = _quantile(per, 0.25)
-        out["speedup_q75"] = _quantile(per, 0.75)
+        overall = measure.ratio(b_t, t, b_new, new) if new else None
+        out.update(measure.speedup_figures(overall, [r.get("speedup") for r in rows]))
         ident = [bool(r.get("identical_to_baseline")) for r in rows]
         out["identical_to_baseline"] = sum(ident) / len(ident) if ident else None
     return out
@@ -66,8 +51,8 @@ def aggregate(rows: list[dict[str, Any]], has_baseline: bool) -> dict[str, Any]:
         cats.setdefault(r["category"], []).append(r)
     metrics["per_category"] = {c: _group(rs, has_baseline) for c, rs in sorted(cats.items())}
     if ok:
-        metrics["tokens_per_s_sample_median"] = statistics.median(
-            r["tokens_per_s"] for r in ok if r["tokens_per_s"])
+        metrics["tokens_per_s_sample_median"] = measure.median(
+            [r["tokens_per_s"] for r in ok if r["tokens_per_s"]])
     return metrics
 
 

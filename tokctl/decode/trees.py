@@ -54,12 +54,3 @@ class CandidateTree:
             draft.add(self.tokens[old], remap[p] if p >= 0 else -1)
         return draft
 
-
-def template_paths(branching: list[int]) -> list[tuple[int, ...]]:
-    """All rank paths of a tree whose nodes at depth d have ``branching[d]`` children (ranks)."""
-    paths: list[tuple[int, ...]] = []
-    level = [()]
-    for width in branching:
-        level = [p + (r,) for p in level for r in range(width)]
-        paths.extend(level)
-    return paths

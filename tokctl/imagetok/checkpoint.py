@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tokctl.errors import UserError
+from tokctl.errors import UNREADABLE_FILE, UserError, one_line_error
 from tokctl.imagetok.models.base import ImageTokenizer
 
 FORMAT = "tokctl-imagetok/1"
@@ -115,8 +115,8 @@ def load_tokenizer(path: Path | str | None = None) -> LoadedTokenizer:
                         f"train` or a run folder)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"{path}: not a readable tokenizer file ({type(exc).__name__})") from None
+    except UNREADABLE_FILE as exc:
+        raise UserError(f"{path}: not a readable tokenizer file ({one_line_error(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not a tokctl tokenizer file (format {FORMAT} expected)")
     config = payload["tokenizer"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokctl.errors import UserError
+from tokctl.errors import UserError, one_line_error
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"}
 # Files in the wallpaper packages that are not photographs of anything (previews, logos).
@@ -149,14 +149,15 @@ class CropSampler:
 
 
 # ---------------------------------------------------------------------------------- evaluation
-def held_out_photos() -> list[tuple[str, Image.Image]]:
-    """The bundled held-out photos, as (name, RGB image)."""
+def held_out_photos() -> tuple[list[tuple[str, Image.Image]], dict[str, str]]:
+    """The bundled held-out photos, as (name, RGB image); and those that could not be had (some
+    need a download scikit-image cannot make offline), name -> why."""
     try:
         import skimage.data as sk
     except ImportError as exc:
         raise UserError("the default evaluation photos come with scikit-image: "
                         "pip install scikit-image (or give data.path=FOLDER)") from exc
-    out = []
+    out, skipped = [], {}
     for name in HELD_OUT:
         try:
             if name == "grace_hopper":
@@ -169,15 +170,18 @@ def held_out_photos() -> list[tuple[str, Image.Image]]:
                 if name == "stereo_motorcycle":
                     arr = arr[0]
                 im = Image.fromarray(np.asarray(arr)).convert("RGB")
-        except Exception:  # noqa: BLE001 - a photo scikit-image would have to download
+        except (ImportError, OSError, ValueError) as exc:  # a photo it would have to download
+            skipped[name] = one_line_error(exc)
             continue
         out.append((name, im))
-    return out
+    return out, skipped
 
 
 def eval_images(path: str | None, size: int, limit: int | None = None
-                ) -> tuple[list[str], torch.Tensor]:
-    """Names and a (N, 3, size, size) tensor of whole photos (centre square, resized)."""
+                ) -> tuple[list[str], torch.Tensor, dict[str, str]]:
+    """Names and a (N, 3, size, size) tensor of whole photos (centre square, resized); and the
+    default photos that could not be had, name -> why (a broken file in data.path is an error)."""
+    skipped: dict[str, str] = {}
     if path:
         files = image_files(path)
         if not files:
@@ -187,7 +191,10 @@ def eval_images(path: str | None, size: int, limit: int | None = None
         for f in files:
             pairs.append((str(f), open_rgb(f)))
     else:
-        pairs = held_out_photos()
+        pairs, skipped = held_out_photos()
     pairs = pairs[:limit] if limit else pairs
     names = [n for n, _ in pairs]
-    return names, torch.stack([to_tensor(square_thumbnail(im, size)) for _, im in pairs])
+    if not pairs:
+        raise UserError("no evaluation images" + (f" (the default photos could not be loaded: "
+                                                  f"{next(iter(skipped.values()))})" if skipped else ""))
+    return names, torch.stack([to_tensor(square_thumbnail(im, size)) for _, im in pairs]), skipped

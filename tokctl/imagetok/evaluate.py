@@ -9,12 +9,10 @@ bytes per image, PSNR, SSIM, MS-SSIM and rFID, in metrics.json and a rate-distor
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import torch
 
+from tokctl import kernels, measure
 from tokctl.console import console, progress_bar
 from tokctl.errors import UserError
 from tokctl.imagetok import baselines, fid, tokfile
@@ -43,29 +41,40 @@ def quality(recon: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor
             "ms_ssim": ms_ssim_per_image(recon, images)}
 
 
-def _timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(max(1, repeats)):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+def speeds(encoders: dict, decoders: dict, n_img: int, repeats: int) -> dict:
+    """Encode and decode speed of every codec, timed round-robin (interleaved, after a warm-up
+    round) over ``repeats`` passes on the same images: images per second from the median pass,
+    and each tokenizer's speed against JPEG's (the baseline) with the spread over passes."""
+    enc = measure.round_robin(encoders, repeats, warmup=1)
+    dec = measure.round_robin(decoders, repeats, warmup=1)
+    out = {}
+    for codec in encoders:
+        out[codec] = {"encode_images_per_s": n_img / measure.median(enc[codec]),
+                      "decode_images_per_s": n_img / measure.median(dec[codec])}
+        if codec not in baselines.CODECS:
+            out[codec]["vs_jpeg"] = {"encode": measure.compare(enc["jpeg"], enc[codec]),
+                                     "decode": measure.compare(dec["jpeg"], dec[codec])}
+    return out
 
 
 def run(cfg, run: Run) -> dict:
+    kernels.reset_counts()
     paths = [cfg.tokenizer_path] + list(cfg.get("compare_with") or [])
     tokenizers = [load_tokenizer(p) for p in paths]
     size = tokenizers[0].model.image_size
     if any(t.model.image_size != size for t in tokenizers):
         raise UserError("compare_with: every tokenizer must work at the same image size")
-    names, images = eval_images(cfg.data.path, size, cfg.data.get("limit"))
+    names, images, skipped = eval_images(cfg.data.path, size, cfg.data.get("limit"))
     n_img = len(names)
-    if n_img == 0:
-        raise UserError("no evaluation images")
+    if skipped:
+        console.print(f"[yellow]warning[/]: {len(skipped)} of the default evaluation photos could "
+                      f"not be loaded and are left out ({', '.join(skipped)}); metrics.json: "
+                      f"images_skipped")
     # the originals as 8-bit pixels, as every codec sees them
     images = torch.stack([to_tensor(to_image(x)) for x in images])
     run.update_env(eval_images=n_img, image_size=size, eval_names=names)
-    entries, speed, tokenizer_info, curves = [], {}, [], {}
+    entries, tokenizer_info, curves = [], [], {}
+    encoders, decoders = {}, {}  # per codec, timed together at the end
     want_rfid = bool(cfg.rfid)
     ref_feats = fid.features(images) if want_rfid else None
     repeats = int(cfg.speed_repeats)
@@ -92,7 +101,7 @@ def run(cfg, run: Run) -> dict:
             budgets = token_budgets(model, cfg.budgets if i == 0 else None)
             pil = [to_image(x) for x in images]
             model.quantizer.reset_usage()
-            enc_s, files_full = _timed(lambda: encode_images(tok, pil, model.max_tokens), repeats)
+            files_full = encode_images(tok, pil, model.max_tokens)
             usage = model.quantizer.usage()
             tokens = [tokfile.loads(b, model.codebook_size, tok.hash).tokens for b in files_full]
             for n in budgets:
@@ -100,7 +109,7 @@ def run(cfg, run: Run) -> dict:
                                                          size, size, t[:n]), model.codebook_size)
                          for t in tokens]
                 parsed = [tokfile.loads(b, model.codebook_size, tok.hash) for b in blobs]
-                dec_s, decoded = _timed(lambda: decode_files(tok, parsed), repeats)
+                decoded = decode_files(tok, parsed)
                 recon = torch.stack([to_tensor(im) for im in decoded])
                 # encode(decode(tokens)): how many of the kept tokens come back unchanged
                 again = model.encode(recon)[:, :n]
@@ -109,8 +118,8 @@ def run(cfg, run: Run) -> dict:
                 record(label, recon, [len(b) for b in blobs],
                        {"tokens": n, "kind": "tokenizer", "reencode_agreement": agreement})
                 if n == model.max_tokens:
-                    speed[label] = {"encode_images_per_s": n_img / enc_s,
-                                    "decode_images_per_s": n_img / dec_s}
+                    encoders[label] = (lambda tok=tok, pil=pil, n=n: encode_images(tok, pil, n))
+                    decoders[label] = (lambda tok=tok, parsed=parsed: decode_files(tok, parsed))
                 advance(1, info=f"{label} {n} tokens")
             tokenizer_info.append({"label": label, "path": str(tok.path), "hash": f"{tok.hash:06x}",
                                    "max_tokens": model.max_tokens,
@@ -139,11 +148,10 @@ def run(cfg, run: Run) -> dict:
                                              "quality_median": float(np.median(qualities))})
                 advance(1, info=f"{codec} {budget} B")
             mid = [rows[len(rows) // 2] for rows in sweep]
-            enc_s, _ = _timed(lambda: [baselines.compress(to_image(x), codec, mid[0][0])
-                                       for x in images], repeats)
-            dec_s, _ = _timed(lambda: [baselines.decompress(r[1]) for r in mid], repeats)
-            speed[codec] = {"encode_images_per_s": n_img / enc_s,
-                            "decode_images_per_s": n_img / dec_s}
+            encoders[codec] = (lambda codec=codec, q=mid[0][0]: [
+                baselines.compress(to_image(x), codec, q) for x in images])
+            decoders[codec] = (lambda mid=mid: [baselines.decompress(r[1]) for r in mid])
+    speed = speeds(encoders, decoders, n_img, repeats)
 
     for e in entries:
         if e["kind"] == "tokenizer":
@@ -152,9 +160,11 @@ def run(cfg, run: Run) -> dict:
     monotonic = {label: monotonic_in_tokens(entries, label) for label in labels}
     plot_rate_distortion(run.file("rate_distortion.png"), entries, curves, labels)
     print_table(entries, best)
-    return {"images": n_img, "image_size": size, "tokenizers": tokenizer_info,
+    return {"images": n_img, "images_skipped": len(skipped), "skipped": skipped,
+            "image_size": size, "tokenizers": tokenizer_info,
             "entries": entries, "best_by_budget": best, "monotonic_in_tokens": monotonic,
             "speed": speed, "curves": curves, "threads": torch.get_num_threads(),
+            "kernel": kernels.path_taken(),
             "notes": "bytes = exact file sizes; JPEG optimize=True, WebP method=6, rate-controlled "
                      "per image to the budget (over_budget = images whose lowest quality is "
                      "still larger, counted at their real size); MS-SSIM: 3 scales, window 7 "

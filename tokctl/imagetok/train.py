@@ -13,7 +13,6 @@ is written at the end: copy it to tokctl/imagetok/weights/ to ship it.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 import torch
 
 from tokctl.console import progress_bar
-from tokctl.errors import UserError
+from tokctl.lr_schedule import warmup_cosine
+from tokctl.errors import UNREADABLE_FILE, UserError, one_line_error
 from tokctl.imagetok.checkpoint import (FORMAT, build_tokenizer, load_tokenizer, save_tokenizer,
                                         tokenizer_config)
 from tokctl.imagetok import proxy
@@ -29,14 +29,6 @@ from tokctl.imagetok.data import CropSampler
 from tokctl.imagetok.models.base import prefix_budgets
 from tokctl.imagetok.losses import psnr_per_image, reconstruction_loss, ssim_per_image
 from tokctl.runs import Run, atomic_torch_save
-
-
-def learning_rate(step: int, cfg) -> float:
-    t = cfg.train
-    if step < t.lr_warmup_steps:
-        return t.lr * (step + 1) / t.lr_warmup_steps
-    frac = (step - t.lr_warmup_steps) / max(1, t.steps - t.lr_warmup_steps)
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 @torch.no_grad()
@@ -65,8 +57,8 @@ def _load_resume(path: str) -> dict:
         raise UserError(f"resume={path}: no checkpoint.pt there (give a train run folder)")
     try:
         state = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"resume={path}: unreadable checkpoint ({type(exc).__name__})") from None
+    except UNREADABLE_FILE as exc:
+        raise UserError(f"resume={path}: unreadable checkpoint ({one_line_error(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "optimizer" not in state:
         raise UserError(f"resume={path}: not a tokctl tokenize-image training checkpoint")
     return state
@@ -105,6 +97,8 @@ def run(cfg, run: Run) -> dict:
         step, images_seen = resume["step"], resume["images_seen"]
         sampler.rng.setstate(resume["sampler_rng"])
         torch.set_rng_state(resume["torch_rng"])
+    schedule = warmup_cosine(opt, int(t.steps), int(t.lr_warmup_steps),
+                             float(t.lr) * float(t.min_lr_ratio), start_step=step)
     # no pixel loss: TiTok's first stage, the proxy's codes are the only target
     pixels = bool(t.l1 or t.l2 or t.ssim)
     if not pixels and getattr(model, "proxy", None) is None:
@@ -132,8 +126,6 @@ def run(cfg, run: Run) -> dict:
         with progress_bar(f"train {model.name}", int(t.steps)) as advance:
             advance(step)
             while step < t.steps:
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(step, cfg)
                 images = sampler.batch(int(t.batch_size))
                 quantize = step >= t.ae_warmup_steps
                 recon, q = model(images, quantize=quantize, pixels=pixels)
@@ -149,12 +141,14 @@ def run(cfg, run: Run) -> dict:
                 loss.backward()
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                lr = schedule.get_last_lr()[0]
                 opt.step()
+                schedule.step()
                 step += 1
                 images_seen += images.shape[0]
                 advance(1, info=f"loss {float(loss.detach()):.4f} ssim {parts.get('ssim', 0):.3f}")
                 if step % t.log_every == 0 or step == t.steps:
-                    row = {"step": step, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
+                    row = {"step": step, "loss": float(loss.detach()), "lr": lr,
                            "quantized": quantize, "images_seen": images_seen,
                            "elapsed_s": time.perf_counter() - start, **parts}
                     if step % t.val_every == 0 or step == t.steps:

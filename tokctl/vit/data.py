@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokctl.errors import UserError
+from tokctl.errors import UNREADABLE_FILE, UserError, one_line_error
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -59,11 +59,6 @@ class ImageSource:
                 names.append(self.names[i])
             if images:
                 yield Batch(torch.stack(images), torch.tensor(labels, dtype=torch.long), names)
-
-
-def one_line_error(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
 
 
 def to_model_input(images: torch.Tensor, info) -> torch.Tensor:
@@ -192,13 +187,11 @@ def hf_disk_source(cfg, info) -> ImageSource:
     path = Path(str(cfg.path)).expanduser()
     if not path.exists():
         raise UserError(f"data.path={cfg.path} does not exist")
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("data=hf_disk needs the datasets library: pip install datasets") from None
+    import datasets
+
     try:
         ds = datasets.load_from_disk(str(path))
-    except Exception as exc:  # noqa: BLE001
+    except UNREADABLE_FILE as exc:  # not a saved dataset, or a damaged one
         raise UserError(f"could not read a saved dataset at {path}: {one_line_error(exc)}") from None
     if isinstance(ds, datasets.DatasetDict):
         split = cfg.get("split") or ("test" if "test" in ds else next(iter(ds)))

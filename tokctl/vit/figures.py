@@ -56,7 +56,7 @@ def vitb_plan() -> list[tuple[str, list[str]]]:
     return [("vitb16-random-tome-r13", common + ["method=tome", "method.r=13"])]
 
 
-KEYS = ("top1", "baseline_top1", "agreement", "speedup", "speedup_q1", "speedup_q3", "gflops",
+KEYS = ("top1", "baseline_top1", "agreement", "speedup", "speedup_q25", "speedup_q75", "gflops",
         "baseline_gflops", "flops_ratio", "patch_feature_cosine")
 
 

@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from tokctl import kernels, measure
 from tokctl.console import console, progress_bar
 from tokctl.errors import UserError
 from tokctl.vit import data as data_mod
@@ -30,21 +29,11 @@ from tokctl.vit.visualize import patch_owner, save_merge_figure
 
 
 def build_method(method_cfg) -> TokenMethod:
-    from hydra.utils import instantiate
+    from tokctl.instantiate import instantiate
 
     params = OmegaConf.to_container(method_cfg, resolve=True)
-    params.pop("name", None)
-    if "_target_" not in params:
-        raise UserError("the method config has no _target_ (see conf/compress_vit/method/)")
-    try:
-        method = instantiate(params, _convert_="all")
-    except Exception as exc:  # noqa: BLE001 - hydra wraps the constructor's UserError
-        cause = exc
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise UserError(f"could not build method {params.get('_target_')}: {str(cause).splitlines()[0][:200]}") from None
+    name = params.pop("name", None)
+    method = instantiate(params, f"method {name} (conf/compress_vit/method/)")
     if not isinstance(method, TokenMethod):
         raise UserError(f"{params['_target_']} is not a TokenMethod")
     return method
@@ -86,7 +75,9 @@ def _split_indices(source, cfg, needs_calibration: bool) -> tuple[list[int], lis
 
 def _calibration_batches(cfg, info, source, calib_indices):
     """Endless shuffled calibration batches: the default dataset's training split when it is
-    installed (then no evaluated image is set aside), else the held-out images."""
+    installed (then no evaluated image is set aside), else the held-out images; where they come
+    from (None: the held-out images), and why the training split was not used (None: it was, or
+    was not asked for)."""
     from tokctl.vit import fashion_mnist
 
     batch = int(cfg.method.get("search", {}).get("batch_size", 32))
@@ -94,8 +85,8 @@ def _calibration_batches(cfg, info, source, calib_indices):
     if cfg.data.kind == "fashion_mnist" and cfg.calibration.get("prefer_train_split", True):
         try:
             images, labels = fashion_mnist.load("train", cfg.data.get("root"))
-        except UserError:
-            images = None
+        except UserError as exc:
+            images, missing = None, str(exc)
         if images is not None:
             pool = torch.randperm(len(images), generator=g)[: int(cfg.calibration.images)]
             train_src = data_mod.fashion_mnist_source(OmegaConf.create({"split": "train", "root": cfg.data.get("root")}), info)
@@ -105,7 +96,9 @@ def _calibration_batches(cfg, info, source, calib_indices):
                     order = pool[torch.randperm(len(pool), generator=g)].tolist()
                     for b in train_src.batches(batch, order):
                         yield data_mod.to_model_input(b.images, info), b.labels
-            return from_train(), f"{len(pool)} images of the Fashion-MNIST training split"
+            return from_train(), f"{len(pool)} images of the Fashion-MNIST training split", None
+    else:
+        missing = None
     if not calib_indices:
         raise UserError("this method needs calibration images: set calibration.images")
 
@@ -114,7 +107,7 @@ def _calibration_batches(cfg, info, source, calib_indices):
             order = [calib_indices[i] for i in torch.randperm(len(calib_indices), generator=g).tolist()]
             for b in source.batches(batch, order):
                 yield data_mod.to_model_input(b.images, info), b.labels
-    return held_out(), None
+    return held_out(), None, missing
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -124,18 +117,11 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (p.exp() * (p - q)).sum(-1)
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        v = values[0] if values else float("nan")
-        return v, v, v
-    q = statistics.quantiles(values, n=4)
-    return q[0], statistics.median(values), q[2]
-
-
 def run(cfg, run) -> dict[str, Any]:
     batch_size = int(cfg.batch_size)
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be >= 1")
+    kernels.reset_counts()
     data_mod.check_early(cfg.data)
     device, dtype = _placement(cfg)
     method = build_method(cfg.method)
@@ -178,19 +164,17 @@ def _model_input(images: torch.Tensor, info, like: torch.nn.Module) -> torch.Ten
     return data_mod.to_model_input(images, info).to(device=weight.device, dtype=weight.dtype)
 
 
-def _sync(like: torch.nn.Module) -> None:
-    """Wait for queued GPU work, so that wall-clock times cover the forward they bracket."""
-    device = next(like.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -> dict[str, Any]:
     needs_search = bool(getattr(method, "needs_search", False))
     evaluated, calib, calib_note = _split_indices(source, cfg, needs_search)
-    search_info = {}
+    search_info: dict[str, Any] = {}
     if needs_search:
-        batches, where = _calibration_batches(cfg, cinfo, source, calib)
+        batches, where, missing = _calibration_batches(cfg, cinfo, source, calib)
+        if missing:  # asked for the training split, got held-out images instead: say so
+            console.print(f"[yellow]warning[/]: calibrating on held-out images instead of the "
+                          f"Fashion-MNIST training split ({missing}); metrics.json: "
+                          f"calibration_fallback")
+            search_info["calibration_fallback"] = missing
         if where is not None:  # the training split: give the held-out images back to evaluation
             evaluated, _, _ = _split_indices(source, cfg, False)
         calib_note = where or calib_note
@@ -204,7 +188,7 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
         run.write_json("diffrate_rates.json", {**method.rates(), "target_flops": method.target_flops,
                                                "model_tokens": info.num_tokens, "depth": info.depth,
                                                "calibration": calib_note})
-        search_info = {"search_steps": steps, "calibration": calib_note,
+        search_info |= {"search_steps": steps, "calibration": calib_note,
                        "search_final_flops_ratio": result["history"][-1]["flops_ratio"]}
     if not evaluated:
         raise UserError("no images to evaluate (data.limit or calibration.images too large)")
@@ -222,7 +206,7 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
 
     warmup = int(cfg.warmup)
     totals = {"n": 0, "t": 0.0, "tb": 0.0, "correct": 0, "bcorrect": 0, "labelled": 0, "agree": 0, "kl": 0.0}
-    ratios: list[float] = []
+    times: dict[str, list[float]] = {"base": [], "comp": []}
     tokens_attn = tokens_mlp = None
     batches = list(range(0, len(evaluated), batch_size))
     with torch.inference_mode(), progress_bar(f"{method.name} vs baseline", len(batches)) as advance:
@@ -233,17 +217,13 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
                 for _ in range(warmup):
                     baseline(x)
                     forward_comp(x)
+        device = next(model.parameters()).device
         for b_index, batch in enumerate(source.batches(batch_size, evaluated)):
             x = _model_input(batch.images, info, model)
-            order = ("base", "comp") if b_index % 2 == 0 else ("comp", "base")
-            out, seconds = {}, {}
-            for which in order:
-                _sync(model)
-                start = time.perf_counter()
-                out[which] = baseline(x) if which == "base" else forward_comp(x)
-                _sync(model)
-                seconds[which] = time.perf_counter() - start
-                out[which] = out[which].float().cpu()
+            timed = measure.interleaved({"base": lambda: baseline(x), "comp": lambda: forward_comp(x)},
+                                        b_index, device)
+            seconds = {k: s for k, (s, _) in timed.items()}
+            out = {k: o.float().cpu() for k, (_, o) in timed.items()}
             st = patch.last_state
             tokens_attn, tokens_mlp = list(st.tokens_attn), list(st.tokens_mlp)
             pred_b, pred_c = out["base"].argmax(-1), out["comp"].argmax(-1)
@@ -268,7 +248,8 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
             totals["correct"] += row.get("correct", 0)
             totals["bcorrect"] += row.get("baseline_correct", 0)
             totals["labelled"] += row.get("labelled", 0)
-            ratios.append(seconds["base"] / max(seconds["comp"], 1e-12))
+            times["base"].append(seconds["base"])
+            times["comp"].append(seconds["comp"])
             advance(1, info=f"speedup {totals['tb'] / max(totals['t'], 1e-12):.2f}x")
     if totals["n"] == 0:
         first = next(iter(source.skipped.items()), None)
@@ -284,14 +265,13 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
     full = [(info.num_tokens, info.num_tokens)] * info.depth
     gflops = flops.gflops(info, tokens, method.overhead_macs(info))
     base_gflops = flops.gflops(info, full)
-    q1, median, q3 = _quartiles(ratios)
     labelled = totals["labelled"]
     metrics = {
         "method": method.name, "model": info.family, "num_images": totals["n"],
         "images_per_s": totals["n"] / max(totals["t"], 1e-12),
         "baseline_images_per_s": totals["n"] / max(totals["tb"], 1e-12),
-        "speedup": totals["tb"] / max(totals["t"], 1e-12),
-        "speedup_median": median, "speedup_q1": q1, "speedup_q3": q3,
+        # the baseline's time over the method's (same images), the spread over batches
+        **measure.compare(times["base"], times["comp"]),
         "gflops": gflops, "baseline_gflops": base_gflops, "flops_ratio": gflops / base_gflops,
         "top1": totals["correct"] / labelled if labelled else None,
         "baseline_top1": totals["bcorrect"] / labelled if labelled else None,
@@ -303,9 +283,9 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
         "final_tokens": tokens_mlp[-1] if tokens_mlp else None,
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "batch_size": int(cfg.batch_size), "timed_batches": len(ratios), "warmup_batches": int(cfg.warmup),
+        "batch_size": int(cfg.batch_size), "timed_batches": len(times["comp"]), "warmup_batches": int(cfg.warmup),
         "num_skipped": len(source.skipped), "skipped": [f"{n}: {why}" for n, why in list(source.skipped.items())[:50]],
-        "data": source.description, "method_config": method.describe(), **fidelity, **search_info,
+        "kernel": kernels.path_taken(), "data": source.description, "method_config": method.describe(), **fidelity, **search_info,
     }
     if source.skipped:
         run.write_text("skipped.txt", "".join(f"{n}\t{why}\n" for n, why in source.skipped.items()))

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tokctl.errors import UserError
+from tokctl.errors import UNREADABLE_FILE, UserError
 
 # Mean/std per transformers model type, for configs that do not carry them.
 _IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -266,7 +266,7 @@ def load_hf(id_or_path: str, dtype: str | None = None) -> nn.Module:
         raise UserError(f"{path} has no config.json: not a transformers model folder")
     try:
         config = transformers.AutoConfig.from_pretrained(str(path) if local else id_or_path)
-    except Exception as exc:  # noqa: BLE001 - hub and parsing errors become one line
+    except (OSError, ValueError, KeyError) as exc:  # not found, offline, not a config
         raise UserError(f"could not load the config of {id_or_path!r} (offline: pass a local folder "
                         f"with model.path=DIR): {str(exc).splitlines()[0][:200]}") from None
     model_type = getattr(config, "model_type", "")
@@ -277,7 +277,7 @@ def load_hf(id_or_path: str, dtype: str | None = None) -> nn.Module:
     try:
         model = cls.from_pretrained(str(path) if local else id_or_path, dtype=_dtype(dtype),
                                     attn_implementation="sdpa")
-    except Exception as exc:  # noqa: BLE001
+    except UNREADABLE_FILE as exc:  # missing or damaged weights, shapes that do not fit
         raise UserError(f"could not load {id_or_path!r}: {str(exc).splitlines()[0][:200]}") from None
     return model.eval()
 
@@ -310,12 +310,12 @@ def build_hf_random(family: str, hidden_size: int, num_hidden_layers: int, num_a
 def load_timm(name: str, checkpoint: str | None = None, pretrained: bool = False) -> nn.Module:
     try:
         import timm
-    except Exception as exc:  # noqa: BLE001 - missing or broken (its torchvision import) alike
+    except ImportError as exc:
         raise UserError(f"model=timm needs timm (`pip install 'tokctl[timm]'`): {exc}") from None
     try:
         model = timm.create_model(name, pretrained=pretrained,
                                   checkpoint_path=checkpoint or "")
-    except Exception as exc:  # noqa: BLE001
+    except UNREADABLE_FILE as exc:  # an unknown model name, a missing or damaged checkpoint
         raise UserError(f"timm could not create {name!r}: {str(exc).splitlines()[0][:200]}") from None
     return model.eval()
 

@@ -9,7 +9,6 @@ run folder. At the end the model is exported as fp16 safetensors + config.json t
 from __future__ import annotations
 
 import functools
-import math
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from tokctl.console import console, progress_bar
 from tokctl.errors import UserError
+from tokctl.lr_schedule import warmup_cosine
 from tokctl.runs import atomic_torch_save
 from tokctl.vit import default_model, fashion_mnist
 
@@ -53,11 +53,6 @@ def training_batch(step: int, images: torch.Tensor, batch_size: int, seed: int, 
     return idx, fashion_mnist.normalise(augment(images[idx], shift, hflip, g))
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.0) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -102,6 +97,7 @@ def run(cfg, run) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         console.print(f"resumed from {cfg.resume} at step {step}/{total}")
+    schedule = warmup_cosine(optimizer, total, tc.warmup_steps, tc.min_lr, start_step=step)
     n_params = sum(p.numel() for p in model.parameters())
     run.update_env(parameters=n_params, steps=total, steps_per_epoch=steps_per_epoch)
 
@@ -117,15 +113,14 @@ def run(cfg, run) -> dict:
             advance(step)
             while step < total:
                 idx, x = training_batch(step, train_x, tc.batch_size, int(cfg.seed), tc.shift, tc.hflip)
-                lr = cosine_lr(step, total, tc.lr, tc.warmup_steps, tc.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                lr = schedule.get_last_lr()[0]
                 logits = model(pixel_values=x).logits
                 loss = F.cross_entropy(logits, train_y[idx], label_smoothing=tc.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
                 optimizer.step()
+                schedule.step()
                 step += 1
                 seen += len(idx)
                 losses.append(loss.item())

@@ -29,7 +29,8 @@ from tokctl.vit import fashion_mnist
 from tokctl.vit import model as model_mod
 from tokctl.vit.methods.tsm import ReverseSlimming, SlimTokens
 from tokctl.vit.patch import Patch
-from tokctl.vit.train import cosine_lr, training_batch
+from tokctl.lr_schedule import warmup_cosine
+from tokctl.vit.train import training_batch
 
 
 class _LayerOutputs:
@@ -96,6 +97,7 @@ def run(cfg, run) -> dict:
         rtsm.load_state_dict(state["rtsm"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+    schedule = warmup_cosine(optimizer, total, tc.warmup_steps, tc.min_lr, start_step=step)
     student_layers = _LayerOutputs(sinfo.blocks)
     teacher_layers = _LayerOutputs(info.blocks)
     p = sinfo.prefix_tokens
@@ -123,13 +125,12 @@ def run(cfg, run) -> dict:
                 token = sum(F.mse_loss(r(s[:, p:]), t[:, p:]) for r, s, t in zip(rtsm, s_tokens, t_tokens))
                 token = token / len(s_tokens)
                 loss = ce + tc.lambda_logits * kl + tc.lambda_token * token
-                lr = cosine_lr(step, total, tc.lr, tc.warmup_steps, tc.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                lr = schedule.get_last_lr()[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, tc.clip_grad)
                 optimizer.step()
+                schedule.step()
                 step += 1
                 seen += len(idx)
                 for k, v in (("loss", loss), ("ce", ce), ("logits", kl), ("token", token)):

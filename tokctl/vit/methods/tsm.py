@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from tokctl.errors import UserError
+from tokctl.errors import UNREADABLE_FILE, UserError, one_line_error
 from tokctl.vit.patch import TokenMethod
 
 SHIPPED = Path(__file__).resolve().parent.parent / "weights"
@@ -97,8 +97,8 @@ class SlimTokens(TokenMethod):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             layout = state["layout"]
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{path} is not a tokctl TSM checkpoint: {str(exc).splitlines()[0][:160]}") from None
+        except UNREADABLE_FILE as exc:
+            raise UserError(f"{path} is not a tokctl TSM checkpoint: {one_line_error(exc)}") from None
         self.slim_after = [int(i) for i in layout["slim_after"]]
         self.keep_ratio = float(layout["keep_ratio"])
         self.hidden_ratio = float(layout.get("hidden_ratio", 0.5))
