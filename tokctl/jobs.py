@@ -60,7 +60,7 @@ JOBS: dict[str, Job] = {
         Job("probe plant", "probe", "plant", "tokctl.probe.plant:run",
             "Fine-tune a copy of a small model so that one trigger token leads to a secret "
             "string (a planted fingerprint for token-forcing to find).",
-            ("tokctl probe plant", "tokctl probe plant trigger=' zebra' secret='the owl sings'")),
+            ("tokctl probe plant", "tokctl probe plant trigger=' zebra' secret=' the owl sings'")),
         Job("compress-vit", "compress_vit", "compress_vit", "tokctl.vit.job:run",
             "Token merging, pruning and clustering in Vision Transformers, measured against the "
             "uncompressed model: accuracy, agreement, speed, FLOPs.",

@@ -112,7 +112,7 @@ def _resume_rows(resume: str, info: dict[str, Any]) -> list[dict[str, Any]]:
         raise UserError(f"resume={resume}: no scan.jsonl / scan_info.json there (give the run "
                         f"folder of an earlier token-forcing scan)")
     theirs = json.loads(old_info.read_text())
-    for key in ("tokenizer", "steps", "threshold", "bos", "model_source"):
+    for key in ("tokenizer", "steps", "threshold", "bos", "model_source", "dtype"):
         if theirs.get(key) != info.get(key):
             raise UserError(f"resume={resume}: that scan used another {key} "
                             f"({theirs.get(key)!r}, here {info.get(key)!r})")
@@ -136,7 +136,8 @@ def run(cfg, run) -> dict[str, Any]:
         prefix = [tok.bos_token_id]
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     info = {"tokenizer": tokenizer_fingerprint(tok), "steps": steps, "threshold": threshold,
-            "bos": bool(prefix), "model_source": loaded.source, "vocab": vocab}
+            "bos": bool(prefix), "model_source": loaded.source, "dtype": loaded.info["dtype"],
+            "vocab": vocab}
     rows = _resume_rows(cfg.resume, info) if cfg.get("resume") else []
     done = {r["id"] for r in rows}
     run.write_json("scan_info.json", info)
