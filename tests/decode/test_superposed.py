@@ -129,3 +129,16 @@ def test_cli_bad_k_and_foreign_ngram(tiny_lm_dir, tmp_path):
     assert code != 0 and "another tokenizer" in one_error_line(out)
     code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "c"), "ks=[0,2]")
     assert code != 0 and "at least 1" in one_error_line(out)
+
+
+def test_build_ngram_from_files(tiny_lm_dir, tmp_path):
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"q": "hello", "a": ["the quick brown"]}) + "\n")
+    code, out = tokctl("decode", "build-ngram", *_tiny_args(tiny_lm_dir, tmp_path / "ng"),
+                       "source=files", f"files=[{tmp_path / 'a.txt'},{tmp_path / 'b.jsonl'}]", "n=3")
+    assert code == 0, out
+    ng = NGramModel.load(tmp_path / "ng" / "ngram.json")
+    assert ng.n == 3 and ng.tokens > 5
+    code, out = tokctl("decode", "build-ngram", *_tiny_args(tiny_lm_dir, tmp_path / "x"),
+                       "source=files", f"files=[{tmp_path / 'missing.txt'}]")
+    assert code != 0 and "does not exist" in one_error_line(out)
