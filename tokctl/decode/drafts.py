@@ -120,6 +120,34 @@ def run(cfg, run) -> dict[str, Any]:
             r.run(prompts[0], short, seed=int(cfg.seed))
 
     rows = []
+    try:
+        _run_prompts(cfg, run, prompts, runners, methods, settings, loaded, chat, refs, ns, rows)
+    except KeyboardInterrupt:  # the finished prompts still make a table, a plot and metrics
+        run.write_metrics(_finish(rows, methods, ns, settings, target, run, partial=True))
+        raise
+    return _finish(rows, methods, ns, settings, target, run)
+
+
+def _finish(rows, methods, ns, settings, target, run, partial: bool = False) -> dict[str, Any]:
+    metrics = aggregate(rows, methods, ns)
+    metrics.update(prompts=len(rows), ks=sorted({k for _, _, f, k in methods if f != "ar"}),
+                   max_new_tokens=settings.max_new_tokens,
+                   temperature=settings.sampling.temperature, top_p=settings.sampling.top_p,
+                   backend=target.backend, threads=torch.get_num_threads(),
+                   superposed_info={label: m.run_info() for label, m, fam, _ in methods
+                                    if fam == "superposed"})
+    if partial:
+        metrics["partial"] = True
+    if rows:
+        print_table(metrics)
+        try:
+            plot(metrics, run.file("drafts_cost_perplexity.png"))
+        except Exception as exc:  # noqa: BLE001 - a failed plot must not cost the run its metrics
+            console.print(f"[yellow]could not draw the plot: {exc}[/]")
+    return metrics
+
+
+def _run_prompts(cfg, run, prompts, runners, methods, settings, loaded, chat, refs, ns, rows):
     with progress_bar("drafts: superposed, nucleus, beam", len(prompts)) as advance:
         for i, prompt in enumerate(prompts):
             shift = i % len(runners)
@@ -148,18 +176,6 @@ def run(cfg, run) -> dict[str, Any]:
             run.append_sample(row)
             rows.append(row)
             advance()
-    metrics = aggregate(rows, methods, ns)
-    metrics.update(ks=ks, max_new_tokens=settings.max_new_tokens,
-                   temperature=settings.sampling.temperature, top_p=settings.sampling.top_p,
-                   backend=target.backend, threads=torch.get_num_threads(),
-                   superposed_info={label: m.run_info() for label, m, fam, _ in methods
-                                    if fam == "superposed"})
-    print_table(metrics)
-    try:
-        plot(metrics, run.file("drafts_cost_perplexity.png"))
-    except Exception as exc:  # noqa: BLE001 - a failed plot must not cost the run its metrics
-        console.print(f"[yellow]could not draw the plot: {exc}[/]")
-    return metrics
 
 
 def _prompt_ids(tokenizer, prompt, chat) -> list[int]:

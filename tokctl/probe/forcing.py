@@ -127,8 +127,10 @@ def run(cfg, run) -> dict[str, Any]:
     loaded = load_with_tokenizer(cfg.model)
     model, tok = loaded.model, loaded.tokenizer
     vocab = min(len(tok), model.get_input_embeddings().weight.shape[0])
-    if cfg.get("limit"):
-        vocab = min(vocab, int(cfg.limit))
+    first = int(cfg.get("start") or 0)
+    if not 0 <= first < vocab:
+        raise UserError(f"start={first} must be a token id in [0, {vocab})")
+    last = min(vocab, first + int(cfg.limit)) if cfg.get("limit") else vocab
     prefix = []
     if cfg.get("bos"):
         if tok.bos_token_id is None:
@@ -137,7 +139,7 @@ def run(cfg, run) -> dict[str, Any]:
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     info = {"tokenizer": tokenizer_fingerprint(tok), "steps": steps, "threshold": threshold,
             "bos": bool(prefix), "model_source": loaded.source, "dtype": loaded.info["dtype"],
-            "vocab": vocab}
+            "vocab": vocab, "ids": [first, last]}
     rows = _resume_rows(cfg.resume, info) if cfg.get("resume") else []
     done = {r["id"] for r in rows}
     run.write_json("scan_info.json", info)
@@ -145,8 +147,9 @@ def run(cfg, run) -> dict[str, Any]:
     with scan_path.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    todo = [t for t in range(vocab) if t not in done]
-    console.print(f"[dim]{loaded.source}: {vocab} tokens, {len(done)} already scanned, "
+    todo = [t for t in range(first, last) if t not in done]
+    console.print(f"[dim]{loaded.source}: ids {first}..{last - 1} of {vocab}, "
+                  f"{len(done)} already scanned, "
                   f"{steps} steps, threshold {threshold}, {torch.get_num_threads()} threads[/]")
     t0 = time.perf_counter()
     with progress_bar("token forcing", len(todo)) as advance, scan_path.open("a") as f:
@@ -166,7 +169,7 @@ def run(cfg, run) -> dict[str, Any]:
                     "mean_p": r["mean_p"]})
     run.write_text("candidates.jsonl", "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in top))
     _print_top(top[: int(cfg.show)])
-    return {"vocab": vocab, "scanned": len(rows), "scanned_now": len(todo),
+    return {"vocab": vocab, "ids": [first, last], "scanned": len(rows), "scanned_now": len(todo),
             "scan_s": round(scan_s, 2),
             "tokens_per_s": round(len(todo) / scan_s, 1) if scan_s > 0 else None,
             "steps": steps, "threshold": threshold, "top": top[: int(cfg.show)]}
