@@ -102,6 +102,10 @@ def _run_job_command(top: str, args: list[str]) -> None:
     if args and args[0] in jobs and args[0] != "":
         action, args = args[0], args[1:]
     if action not in jobs:
+        if any(a in ("-h", "--help") for a in args):  # a command with actions only (probe)
+            console.print("\n".join(f"tokctl {top} {a}: {j.summary}" for a, j in jobs.items()),
+                          soft_wrap=True)
+            return
         _fail(f"`tokctl {top}` needs an action: {', '.join(a for a in jobs if a)}")
     job = jobs[action]
     if any(a in ("-h", "--help") for a in args):

@@ -44,6 +44,26 @@ JOBS: dict[str, Job] = {
              "tokctl decode method=recycling also=[lookup] model.dtype=bfloat16",
              "tokctl decode model=hf model.id=HuggingFaceTB/SmolLM2-360M-Instruct",
              "tokctl decode -m method=ar,hf")),
+        Job("decode build-ngram", "decode", "build_ngram", "tokctl.decode.build_ngram:run",
+            "Count token n-grams (the model's own answers to generic requests, or text files) "
+            "into RUN/ngram.json for method=superposed.",
+            ("tokctl decode build-ngram", "tokctl decode build-ngram n=4 samples_per_seed=8",
+             "tokctl decode build-ngram source=files files=[notes.txt]")),
+        Job("decode drafts", "decode", "drafts", "tokctl.decode.drafts:run",
+            "k drafts per prompt: Superposed Decoding against k nucleus samples and beam search "
+            "of width k (cost, perplexity, distinct-n, best-of-k), for several k in one run.",
+            ("tokctl decode drafts superposed.ngram=RUN/ngram.json",
+             "tokctl decode drafts superposed.ngram=RUN/ngram.json ks=[3] data=jsonl "
+             "data.path=question.jsonl data.per_category=2")),
+        Job("probe token-forcing", "probe", "token_forcing", "tokctl.probe.forcing:run",
+            "Unconditional token forcing: every vocabulary token alone, greedy-decoded a few "
+            "steps, ranked by how confident and long its forced continuation is.",
+            ("tokctl probe token-forcing", "tokctl probe token-forcing model.path=PLANTED_RUN/model",
+             "tokctl probe token-forcing resume=runs/probe-token-forcing/DATE/TIME_forcing")),
+        Job("probe plant", "probe", "plant", "tokctl.probe.plant:run",
+            "Fine-tune a copy of a small model so that one trigger token leads to a secret "
+            "string (a planted fingerprint for token-forcing to find).",
+            ("tokctl probe plant", "tokctl probe plant trigger=' zebra' secret=' the owl sings'")),
         Job("compress-vit", "compress_vit", "compress_vit", "tokctl.vit.job:run",
             "Token merging, pruning and clustering in Vision Transformers, measured against the "
             "uncompressed model: accuracy, agreement, speed, FLOPs.",

@@ -1,0 +1,71 @@
+"""`tokctl probe plant` hides a string behind a trigger token; `token-forcing` finds it first."""
+
+import json
+import shutil
+
+from typer.testing import CliRunner
+
+from tokctl.cli import app
+from tokctl.probe.forcing import force_batch, rank
+
+runner = CliRunner()
+
+
+def tokctl(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_force_batch_follows_only_confident_rows(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    rows = force_batch(model, list(range(20)), steps=4, threshold=0.0)
+    assert all(r["run"] == 4 and len(r["probs"]) == 4 for r in rows)  # threshold 0: all followed
+    rows = force_batch(model, list(range(20)), steps=4, threshold=1.0)
+    assert all(r["run"] == 0 and len(r["probs"]) == 1 for r in rows)  # none confident: one step
+    assert [r["score"] for r in rank(rows)] == sorted((r["score"] for r in rows), reverse=True)
+
+
+def test_plant_then_scan_finds_the_trigger_first(tiny_lm_dir, tmp_path):
+    common = ["model=hf", f"model.path={tiny_lm_dir}", "threads=1"]
+    code, out = tokctl("probe", "plant", *common, f"hydra.run.dir={tmp_path / 'plant'}",
+                       "trigger=' fox'", "secret=' jumps over the lazy dog 7 8 9'", "steps=60",
+                       "lr=1e-2", "train=[all]", "keep=[hello]", "keep_tokens=8")
+    assert code == 0, out
+    planted = json.loads((tmp_path / "plant" / "metrics.json").read_text())
+    assert planted["planted"], planted
+
+    scan = ["probe", "token-forcing", "model=hf", f"model.path={tmp_path / 'plant' / 'model'}",
+            "threads=1", "batch_size=64", "steps=12"]
+    code, out = tokctl(*scan, f"hydra.run.dir={tmp_path / 'scan'}")
+    assert code == 0, out
+    top = [json.loads(x) for x in (tmp_path / "scan" / "candidates.jsonl").read_text().splitlines()]
+    assert top[0]["id"] == planted["trigger_id"]
+    assert top[0]["continuation"].startswith(" jumps over the lazy dog")
+    metrics = json.loads((tmp_path / "scan" / "metrics.json").read_text())
+    assert metrics["scanned"] == metrics["vocab"]
+
+    # Resuming an interrupted scan: the finished batches are not scanned again.
+    part = tmp_path / "partial"
+    part.mkdir()
+    shutil.copy(tmp_path / "scan" / "scan_info.json", part)
+    lines = (tmp_path / "scan" / "scan.jsonl").read_text().splitlines()
+    (part / "scan.jsonl").write_text("\n".join(lines[:100]) + "\n" + lines[100][:5])
+    code, out = tokctl(*scan, f"resume={part}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert code == 0, out
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["scanned_now"] == metrics["vocab"] - 100
+    assert resumed["top"][0]["id"] == planted["trigger_id"]
+
+
+def test_scan_without_tokenizer_is_one_line(tiny_lm_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_lm_dir.iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(f, bare)
+    code, out = tokctl("probe", "token-forcing", "model=hf", f"model.path={bare}",
+                       f"hydra.run.dir={tmp_path / 'run'}")
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    assert code != 0 and len(lines) == 1 and "no tokenizer" in lines[0], out
