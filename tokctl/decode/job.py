@@ -213,15 +213,17 @@ def run(cfg, run) -> dict[str, Any]:
         run.update_env(draft_model_source=loaded.draft.source,
                        draft_model_load_s=round(loaded.draft.load_s, 3))
     settings.eos_ids = eos_ids(loaded)
-    target = make_target(loaded.model, loaded.tokenizer, str(cfg.model.get("backend") or "auto"))
+    target = make_target(loaded.model, loaded.tokenizer, str(cfg.model.get("backend") or "auto"),
+                         compile=bool(cfg.get("compile", False)), exact=bool(cfg.get("exact", False)))
     if cfg.get("verify_cost", "cached") not in ("cached", "measure"):
         raise UserError(f"verify_cost={cfg.verify_cost} must be 'cached' or 'measure'")
     target.remeasure_cost = cfg.get("verify_cost") == "measure"
     run.update_env(model_source=loaded.source, model_load_s=round(loaded.load_s, 3),
                    model=loaded.info, backend=target.backend, dtype=loaded.info["dtype"],
-                   device=loaded.info["device"])
+                   device=loaded.info["device"], compiled=target.compiled, exact=target.exact)
     console.print(f"[dim]model {loaded.source} loaded in {loaded.load_s:.2f}s "
-                  f"({loaded.info['dtype']}, {loaded.info['device']}, backend {target.backend}, "
+                  f"({loaded.info['dtype']}, {loaded.info['device']}, backend {target.backend}"
+                  f"{', compiled' if target.compiled else ''}{', exact' if target.exact else ''}, "
                   f"{torch.get_num_threads()} threads)[/]")
     chat = cfg.data.get("chat_template", "auto")
     device = loaded.info["device"]
