@@ -133,7 +133,7 @@ def _configure_dynamo() -> None:
         dc.accumulated_recompile_limit = max(dc.accumulated_recompile_limit, 512)
 
 
-def compile_step(step, device: torch.device, freeze: bool = True):
+def compile_step(step, device: torch.device, freeze: bool = True, backend: str = "inductor"):
     """``torch.compile`` of the lean step, whole (``fullgraph``) with static shapes: Inductor on
     the CPU (with weight freezing, which lets it prepack the linear layers' weights once instead
     of every call), CUDA graphs on a GPU (``reduce-overhead``)."""
@@ -143,6 +143,8 @@ def compile_step(step, device: torch.device, freeze: bool = True):
 
         ic.freezing = True
     mode = "reduce-overhead" if device.type == "cuda" else None
+    if backend != "inductor":
+        return torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
     return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
 
 
@@ -151,12 +153,14 @@ class FastTarget(Target):
     ``torch.compile`` with blocks padded to :data:`fast_llama.BUCKETS` and attention over the whole
     capacity (a few fixed shapes). ``exact``: every block, a one-token ``ar`` step included, is
     padded to one size (``exact_block``), so that a row's result cannot depend on how many rows run
-    beside it (batch invariance; bf16 matmul kernels round differently for 1 and for n rows)."""
+    beside it (batch invariance; bf16 matmul kernels round differently for 1 and for n rows).
+    ``compile_backend``: Inductor for real runs; tests check graph capture with a cheaper one."""
 
     backend = "fast"
 
     def __init__(self, model, tokenizer, attention=None, exit_layer: int | None = None,
-                 compile: bool = False, exact: bool = False, exact_block: int = 32):
+                 compile: bool = False, exact: bool = False, exact_block: int = 32,
+                 compile_backend: str = "inductor"):
         super().__init__(model, tokenizer)
         self.fast = fast_llama.FastLlama(model, attention=attention, exit_layer=exit_layer)
         self.cache = self.fast.new_cache(1024)
@@ -166,7 +170,8 @@ class FastTarget(Target):
             self.buckets = (int(exact_block),)
         else:
             self.buckets = fast_llama.BUCKETS if self.compiled else None
-        self._step = compile_step(self.fast.step, self.device) if self.compiled else self.fast.step
+        self._step = (compile_step(self.fast.step, self.device, backend=compile_backend)
+                      if self.compiled else self.fast.step)
         self._mark_cache()
 
     def _mark_cache(self) -> None:
