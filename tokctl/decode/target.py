@@ -193,10 +193,15 @@ class FastTarget(Target):
         n = tokens.numel()
         if parents is None:
             parents = list(range(-1, n - 1))
-        if self.buckets is None or (n > self.buckets[-1] and parents != list(range(-1, n - 1))):
+        prefill = self.length == 0
+        if self.buckets is None or prefill or (n > self.buckets[-1]
+                                                and parents != list(range(-1, n - 1))):
+            # A prefill runs eagerly even when steps are compiled or padded: prompts come in every
+            # length, compiling the largest blocks for one call per prompt costs more than it
+            # saves, and `ar` and the methods share the prefill, so exactness does not need it.
             # Eager: one block exactly as long as needed, attention over the live slots only.
             return self._block(tokens, parents, 0, n, pad_to=n, window=self.length + n,
-                               last_only=last_only)
+                               last_only=last_only, step=self.fast.step)
         # Fixed shapes: chunks of at most the largest bucket (a chain: each chunk sees the ones
         # before it as its prefix), each padded to its bucket.
         outs = []
@@ -211,7 +216,8 @@ class FastTarget(Target):
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return out[-1:] if last_only else out
 
-    def _block(self, tokens, parents, offset, m, pad_to, window, last_only=False):
+    def _block(self, tokens, parents, offset, m, pad_to, window, last_only=False, step=None):
+        step = step or self._step
         if self.length + offset + pad_to > self.cache.capacity:
             raise RuntimeError("the KV cache is full: prefill() with a larger capacity")
         pad = pad_to - m
@@ -222,10 +228,10 @@ class FastTarget(Target):
         start = torch.tensor(self.length + offset, dtype=torch.long).to(self.device,
                                                                           non_blocking=True)
         if last_only:  # eager prefill: the head for the last row only
-            return self._step(tokens, par, start, self.cache.keys, self.cache.values, window,
-                              last_only=True)
-        logits = self._step(tokens, par, start, self.cache.keys, self.cache.values, window)
-        if self.compiled and self.device.type == "cuda":
+            return step(tokens, par, start, self.cache.keys, self.cache.values, window,
+                        last_only=True)
+        logits = step(tokens, par, start, self.cache.keys, self.cache.values, window)
+        if step is self._step and self.compiled and self.device.type == "cuda":
             logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
         return logits[:m]
 
