@@ -20,7 +20,12 @@ def full_logits(model, ids):
         return model(torch.as_tensor(ids)[None]).logits[0]
 
 
-@pytest.mark.parametrize("backend", [FastTarget, HFTarget])
+def padded_target(model, tok):
+    """The fixed-shape path eagerly: blocks padded to one size, as exact=true runs them."""
+    return FastTarget(model, tok, exact=True, exact_block=8)
+
+
+@pytest.mark.parametrize("backend", [FastTarget, HFTarget, padded_target])
 def test_chain_tree_and_commit_match_full_forward(tiny_llama, backend):
     ids = torch.randint(0, 101, (24,), generator=torch.Generator().manual_seed(1))
     ref = full_logits(tiny_llama, ids)
@@ -47,7 +52,7 @@ def test_chain_tree_and_commit_match_full_forward(tiny_llama, backend):
     torch.testing.assert_close(t.forward(ids[20:22]), ref[20:22], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [FastTarget, HFTarget])
+@pytest.mark.parametrize("backend", [FastTarget, HFTarget, padded_target])
 def test_prefill_resets_the_sequence(tiny_llama, backend):
     t = backend(tiny_llama, None)
     a = torch.arange(5, 17)
@@ -73,6 +78,13 @@ def test_tree_mask_and_depths():
     assert mask[4].tolist() == [False, False, False, False, True]
     with pytest.raises(ValueError):
         tree_positions_and_mask(torch.tensor([1, -1]))
+
+
+def test_tree_ancestors_reach_every_level():
+    from tokctl.models.fast_llama import tree_ancestors
+
+    chain = tree_ancestors(torch.arange(-1, 19))  # 20 levels: five squarings
+    assert torch.equal(chain, torch.ones(20, 20, dtype=torch.bool).tril())
 
 
 def test_make_target_picks_backend(tiny_llama):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tokctl import kernels
-from tokctl.kernels.tree_attention import tree_attention, tree_attention_ref, tree_attention_triton
+from tokctl.kernels.tree_attention import (allowed_mask, tree_attention, tree_attention_ref,
+                                           tree_attention_triton)
 
 
 def tree_mask(parents):
@@ -29,19 +30,30 @@ def test_kernel_matches_reference(force_triton, heads, kv_heads, dim, prefix, pa
     q = torch.randn(heads, n, dim, generator=g)
     k = torch.randn(kv_heads, prefix + n, dim, generator=g)
     v = torch.randn(kv_heads, prefix + n, dim, generator=g)
-    m = tree_mask(parents)
-    ref = tree_attention_ref(q, k, v, prefix, m)
-    torch.testing.assert_close(tree_attention_triton(q, k, v, prefix, m), ref, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(tree_attention(q, k, v, prefix, m), ref, atol=2e-5, rtol=1e-4)
+    m = allowed_mask(prefix, tree_mask(parents))
+    ref = tree_attention_ref(q, k, v, m)
+    torch.testing.assert_close(tree_attention_triton(q, k, v, m), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(tree_attention(q, k, v, m), ref, atol=2e-5, rtol=1e-4)
     assert kernels.counts() == {"triton": 1}  # the dispatcher took the Triton path
 
 
 def test_causal_when_no_mask(force_triton):
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(2, 6, 16, generator=g), torch.randn(1, 9, 16, generator=g), torch.randn(1, 9, 16, generator=g)
-    torch.testing.assert_close(tree_attention_triton(q, k, v, 3, None),
-                               tree_attention_ref(q, k, v, 3, tree_mask(list(range(-1, 5)))),
+    torch.testing.assert_close(tree_attention_triton(q, k, v, allowed_mask(3, None, 6)),
+                               tree_attention_ref(q, k, v, allowed_mask(3, tree_mask(list(range(-1, 5))))),
                                atol=2e-5, rtol=1e-4)
+
+
+def test_free_slots_past_the_block_are_ignored(force_triton):
+    """A compiled step attends over the whole cache capacity: slots the mask hides change nothing."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 3, 16, generator=g), torch.randn(1, 40, 16, generator=g), torch.randn(1, 40, 16, generator=g)
+    m = torch.zeros(3, 40, dtype=torch.bool)
+    m[:, :9] = allowed_mask(6, tree_mask([-1, 0, 0]))
+    short = tree_attention_ref(q, k[:, :9], v[:, :9], m[:, :9])
+    torch.testing.assert_close(tree_attention_ref(q, k, v, m), short, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(tree_attention_triton(q, k, v, m), short, atol=2e-5, rtol=1e-4)
 
 
 def test_reference_matches_plain_softmax_attention():
@@ -51,7 +63,7 @@ def test_reference_matches_plain_softmax_attention():
     allowed = torch.cat([torch.ones(3, 4, dtype=torch.bool), m], 1)
     scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5
     manual = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
-    torch.testing.assert_close(tree_attention_ref(q, k, v, 4, m), manual)
+    torch.testing.assert_close(tree_attention_ref(q, k, v, allowed), manual)
 
 
 def test_dispatch_uses_reference_on_cpu_by_default(monkeypatch):
@@ -61,7 +73,7 @@ def test_dispatch_uses_reference_on_cpu_by_default(monkeypatch):
     monkeypatch.setattr(ta, "tree_attention_triton", lambda *a: (_ for _ in ()).throw(AssertionError))
     q = torch.randn(1, 2, 8)
     k = torch.randn(1, 5, 8)
-    tree_attention(q, k, k, 3, None)
+    tree_attention(q, k, k, allowed_mask(3, None, 2))
 
 
 def test_fast_target_runs_on_the_kernel(force_triton):

@@ -86,9 +86,25 @@ def measure(target, max_n: int = 96, prefix: int = 160, rounds: int = 3) -> Veri
     return VerifyCost(table)
 
 
+def engine_variant(target) -> str:
+    """How the target runs its steps, as the cost table's key sees it: eager or compiled, exact,
+    int8 weights."""
+    parts = ["compiled" if getattr(target, "compiled", False) else "eager"]
+    if getattr(target, "exact", False):
+        parts.append("exact")
+    quant = getattr(target, "quant", None)
+    if quant:
+        parts.append(str(quant))
+    return "+".join(parts)
+
+
 def cost_key(model_source: str, target) -> str:
     threads = torch.get_num_threads()
     raw = f"{model_source}|{target.backend}|{target.device}|{target.dtype}|{threads}|{torch.__version__}"
+    # A compiled step, a batch-invariant (exact) one and int8 weights each cost differently.
+    variant = engine_variant(target)
+    if variant != "eager":
+        raw += f"|{variant}"
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
@@ -109,6 +125,7 @@ def cached_cost(model_source: str, target, max_n: int = 96, refresh: bool = Fals
             pass
     cost = measure(target, max_n=max_n)
     atomic_write_json(path, {**cost.to_json(), "model": model_source, "backend": target.backend,
+                             "engine": engine_variant(target),
                              "device": str(target.device), "dtype": str(target.dtype),
                              "threads": torch.get_num_threads()})
     cost.source = f"measured:{path}"

@@ -201,15 +201,26 @@ def run(cfg, run) -> dict[str, Any]:
         run.update_env(draft_model_source=loaded.draft.source,
                        draft_model_load_s=round(loaded.draft.load_s, 3))
     settings.eos_ids = eos_ids(loaded)
-    target = make_target(loaded.model, loaded.tokenizer, str(cfg.model.get("backend") or "auto"))
+    quant = str(cfg.model.get("quant") or "none")
+    if quant != "none":
+        from tokctl.models.quant import QUANTS, quantize
+
+        if quant not in QUANTS:
+            raise UserError(f"model.quant={quant} is not one of {', '.join(QUANTS)}")
+        quantize(loaded.model, quant)  # ar, hf and every method then run the same int8 weights
+        loaded.info["quant"] = quant
+    target = make_target(loaded.model, loaded.tokenizer, str(cfg.model.get("backend") or "auto"),
+                         compile=bool(cfg.get("compile", False)), exact=bool(cfg.get("exact", False)))
+    target.quant = None if quant == "none" else quant
     if cfg.get("verify_cost", "cached") not in ("cached", "measure"):
         raise UserError(f"verify_cost={cfg.verify_cost} must be 'cached' or 'measure'")
     target.remeasure_cost = cfg.get("verify_cost") == "measure"
     run.update_env(model_source=loaded.source, model_load_s=round(loaded.load_s, 3),
                    model=loaded.info, backend=target.backend, dtype=loaded.info["dtype"],
-                   device=loaded.info["device"])
+                   device=loaded.info["device"], compiled=target.compiled, exact=target.exact)
     console.print(f"[dim]model {loaded.source} loaded in {loaded.load_s:.2f}s "
-                  f"({loaded.info['dtype']}, {loaded.info['device']}, backend {target.backend}, "
+                  f"({loaded.info['dtype']}, {loaded.info['device']}, backend {target.backend}"
+                  f"{', compiled' if target.compiled else ''}{', exact' if target.exact else ''}, "
                   f"{torch.get_num_threads()} threads)[/]")
     chat = cfg.data.get("chat_template", "auto")
     device = loaded.info["device"]

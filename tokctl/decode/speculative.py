@@ -124,21 +124,34 @@ def kseq_select(p: torch.Tensor, q: torch.Tensor, draws: list[int], generator) -
 def verify(draft: Draft, logits: torch.Tensor, sampling: Sampling,
            generator: torch.Generator | None) -> tuple[list[int], int]:
     """Walk the tree. ``logits[0]`` belongs to the root, ``logits[1 + i]`` to draft node i.
-    Returns (accepted draft node indices, root to leaf; bonus token)."""
+    Returns (accepted draft node indices, root to leaf; bonus token).
+
+    Every row is decided at once on the device and reaches the host in one transfer: the argmax
+    of each row (greedy), or one sample of the target's distribution at each row (drafts verified
+    against the target's own samples; the walk reads the sample of each node it visits, and those
+    are independent draws from that node's distribution, so the law is the target's), or the rows'
+    distributions for the nodes whose children were sampled from a draft distribution.
+    """
     children = draft.children()
+    sampled_nodes = (set() if sampling.greedy or draft.scheme == DETERMINISTIC
+                     else set(draft.q) & ({-1} | set(range(len(draft)))))
+    if sampling.greedy:
+        choice = logits.argmax(-1).tolist()
+        dist = None
+    else:
+        p_all = probs(logits, sampling)
+        choice = torch.multinomial(p_all, 1, generator=generator).view(-1).tolist() \
+            if len(sampled_nodes) < len(draft) + 1 else None
+        dist = p_all.cpu() if sampled_nodes else None
     path: list[int] = []
     node = -1
     while True:
-        row = logits[node + 1]
         kids = children.get(node, [])
-        if sampling.greedy:
-            token = int(row.argmax())
-            nxt = next((c for c in kids if draft.tokens[c] == token), None)
-        elif draft.scheme == DETERMINISTIC or node not in draft.q:
-            token = choose(row, sampling, generator)
-            nxt = next((c for c in kids if draft.tokens[c] == token), None)
+        if node in sampled_nodes:
+            token, nxt = _verify_sampled(draft, node, kids, dist[node + 1], generator)
         else:
-            token, nxt = _verify_sampled(draft, node, kids, probs(row, sampling), generator)
+            token = choice[node + 1]
+            nxt = next((c for c in kids if draft.tokens[c] == token), None)
         if nxt is None:
             return path, token
         path.append(nxt)

@@ -22,25 +22,26 @@ from tokctl.errors import UserError
 from tokctl.models import fast_llama
 
 
+def check_parents(parents: list[int]) -> None:
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise ValueError(f"tree parents must precede their children (node {i} has parent {p})")
+
+
 def tree_positions_and_mask(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Depth of each node (0 for children of the committed prefix) and the [n, n] ancestor mask
-    (True where row i may attend column j: j is i or an ancestor of i). Parents precede children."""
-    n = parents.shape[0]
-    p = parents.tolist()
-    depth = [0] * n
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        mask[i, i] = True
-        if p[i] >= 0:
-            if p[i] >= i:
-                raise ValueError("tree parents must precede their children")
-            depth[i] = depth[p[i]] + 1
-            mask[i] |= mask[p[i]]
-    return torch.tensor(depth, dtype=torch.long), mask
+    (True where row i may attend column j: j is i or an ancestor of i). Parents precede children.
+    Built on the parents' device without a loop over nodes (:func:`fast_llama.tree_ancestors`)."""
+    check_parents(parents.tolist())
+    mask = fast_llama.tree_ancestors(parents)
+    return mask.sum(1) - 1, mask
 
 
 class Target:
-    """Common bookkeeping; subclasses implement ``_forward`` and ``_keep``."""
+    """Common bookkeeping; subclasses implement ``_reset``, ``_run`` and ``_keep``."""
+
+    compiled = False
+    exact = False
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -57,11 +58,12 @@ class Target:
     def _reset(self, capacity: int) -> None:
         raise NotImplementedError
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None,
-                 last_only: bool) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, parents: list[int] | None, last_only: bool) -> torch.Tensor:
+        """Logits for ``tokens`` (on the device) after the committed prefix; ``parents`` None
+        means a chain."""
         raise NotImplementedError
 
-    def _keep(self, keep: torch.Tensor) -> None:
+    def _keep(self, keep: list[int]) -> None:
         raise NotImplementedError
 
     # --- interface -------------------------------------------------------------------------------
@@ -75,29 +77,27 @@ class Target:
         self._reset(capacity or ids.numel() + 256)
         self.length = 0
         self._pending = 0
-        logits = self._forward(ids, torch.arange(ids.numel(), device=self.device), None,
-                               last_only=not all_logits)
+        logits = self._run(ids, None, last_only=not all_logits)
         self.forward_calls = 1
         self.length = ids.numel()
         return logits if all_logits else logits[-1]
 
     def forward(self, tokens: Sequence[int] | torch.Tensor,
                 parents: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ([n, V]) for ``tokens`` after the committed prefix, as a tree when ``parents``
+        is given (else a chain). The tree's positions and mask are built on the device."""
         if self._pending:
             raise RuntimeError("commit() the previous forward before the next one")
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).view(-1)
+        tokens = torch.as_tensor(tokens, dtype=torch.long).view(-1).to(self.device)
         n = tokens.numel()
-        if parents is None:
-            depth, tree_mask = torch.arange(n), None
-        else:
-            parents = torch.as_tensor(parents, dtype=torch.long).view(-1).cpu()
-            depth, tree_mask = tree_positions_and_mask(parents)
-            if bool((parents == torch.arange(n) - 1).all()):
-                tree_mask = None  # a chain: plain causal attention
-            else:
-                tree_mask = tree_mask.to(self.device)
-        positions = (depth + self.length).to(self.device)
-        logits = self._forward(tokens, positions, tree_mask, last_only=False)
+        if parents is not None:
+            parents = [int(p) for p in (parents.tolist() if torch.is_tensor(parents) else parents)]
+            if len(parents) != n:
+                raise ValueError(f"{n} tokens but {len(parents)} parents")
+            check_parents(parents)
+            if parents == list(range(-1, n - 1)):
+                parents = None  # a chain: plain causal attention
+        logits = self._run(tokens, parents, last_only=False)
         self._pending = n
         self.forward_calls += 1
         return logits
@@ -115,26 +115,125 @@ class Target:
         pass  # the static cache simply overwrites slots beyond the committed length
 
     def commit(self, keep: Sequence[int] | torch.Tensor) -> None:
-        keep = torch.as_tensor(keep, dtype=torch.long, device=self.device).view(-1)
+        """Keep the pending entries ``keep`` (indices into the last forward, root to leaf)."""
+        keep = [int(k) for k in (keep.tolist() if torch.is_tensor(keep) else keep)]
         self._keep(keep)
-        self.length += int(keep.numel())
+        self.length += len(keep)
         self._pending = 0
 
 
+def _configure_dynamo() -> None:
+    """One graph per block size (and cache capacity): allow more than dynamo's default 8."""
+    import torch._dynamo.config as dc
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dc, name):
+            setattr(dc, name, max(getattr(dc, name), 64))
+    if hasattr(dc, "accumulated_recompile_limit"):
+        dc.accumulated_recompile_limit = max(dc.accumulated_recompile_limit, 512)
+
+
+def compile_step(step, device: torch.device, freeze: bool = True, backend: str = "inductor"):
+    """``torch.compile`` of the lean step, whole (``fullgraph``) with static shapes: Inductor on
+    the CPU (with weight freezing, which lets it prepack the linear layers' weights once instead
+    of every call), CUDA graphs on a GPU (``reduce-overhead``)."""
+    _configure_dynamo()
+    if device.type == "cpu" and freeze:
+        import torch._inductor.config as ic
+
+        ic.freezing = True
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if backend != "inductor":
+        return torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
+    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+
+
 class FastTarget(Target):
+    """The lean forward over a fixed-capacity cache. ``compile``: steps run through
+    ``torch.compile`` with blocks padded to :data:`fast_llama.BUCKETS` and attention over the whole
+    capacity (a few fixed shapes). ``exact``: every block, a one-token ``ar`` step included, is
+    padded to one size (``exact_block``), so that a row's result cannot depend on how many rows run
+    beside it (batch invariance; bf16 matmul kernels round differently for 1 and for n rows).
+    ``compile_backend``: Inductor for real runs; tests check graph capture with a cheaper one."""
+
     backend = "fast"
 
-    def __init__(self, model, tokenizer, attention=None, exit_layer: int | None = None):
+    def __init__(self, model, tokenizer, attention=None, exit_layer: int | None = None,
+                 compile: bool = False, exact: bool = False, exact_block: int = 32,
+                 compile_backend: str = "inductor"):
         super().__init__(model, tokenizer)
         self.fast = fast_llama.FastLlama(model, attention=attention, exit_layer=exit_layer)
-        self.cache = self.fast.new_cache(512)
+        self.cache = self.fast.new_cache(1024)
+        self.compiled = bool(compile)
+        self.exact = bool(exact)
+        if self.exact:
+            self.buckets = (int(exact_block),)
+        else:
+            self.buckets = fast_llama.BUCKETS if self.compiled else None
+        self._step = (compile_step(self.fast.step, self.device, backend=compile_backend)
+                      if self.compiled else self.fast.step)
+        self._mark_cache()
+
+    def _mark_cache(self) -> None:
+        if self.compiled and self.device.type == "cuda":
+            # CUDA graphs replay on fixed addresses: the cache is mutated in place, never moved.
+            torch._dynamo.mark_static_address(self.cache.keys)
+            torch._dynamo.mark_static_address(self.cache.values)
 
     def _reset(self, capacity: int) -> None:
-        self.cache.grow(capacity)
+        # Room for the largest padded block after the last committed token; capacities are powers
+        # of two so that a compiled step meets few distinct shapes.
+        need = capacity + (self.buckets[-1] if self.buckets else 0)
+        if need > self.cache.capacity:
+            self.cache.grow(1 << (need - 1).bit_length())
+            self._mark_cache()
 
-    def _forward(self, tokens, positions, tree_mask, last_only):
-        return self.fast.forward(tokens, positions, self.cache, self.length, tree_mask,
-                                 last_only=last_only)
+    @torch.no_grad()
+    def _run(self, tokens, parents, last_only):
+        n = tokens.numel()
+        if parents is None:
+            parents = list(range(-1, n - 1))
+        prefill = self.length == 0
+        if self.buckets is None or prefill or (n > self.buckets[-1]
+                                                and parents != list(range(-1, n - 1))):
+            # A prefill runs eagerly even when steps are compiled or padded: prompts come in every
+            # length, compiling the largest blocks for one call per prompt costs more than it
+            # saves, and `ar` and the methods share the prefill, so exactness does not need it.
+            # Eager: one block exactly as long as needed, attention over the live slots only.
+            return self._block(tokens, parents, 0, n, pad_to=n, window=self.length + n,
+                               last_only=last_only, step=self.fast.step)
+        # Fixed shapes: chunks of at most the largest bucket (a chain: each chunk sees the ones
+        # before it as its prefix), each padded to its bucket.
+        outs = []
+        chunk = self.buckets[-1]
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            m = hi - lo
+            b = fast_llama.bucket(m, self.buckets)
+            cparents = [p - lo if p >= lo else -1 for p in parents[lo:hi]]
+            window = self.cache.capacity if self.compiled else self.length + lo + b
+            outs.append(self._block(tokens[lo:hi], cparents, lo, m, pad_to=b, window=window))
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return out[-1:] if last_only else out
+
+    def _block(self, tokens, parents, offset, m, pad_to, window, last_only=False, step=None):
+        step = step or self._step
+        if self.length + offset + pad_to > self.cache.capacity:
+            raise RuntimeError("the KV cache is full: prefill() with a larger capacity")
+        pad = pad_to - m
+        if pad:
+            tokens = torch.cat([tokens, tokens.new_zeros(pad)])
+            parents = parents + [-1] * pad  # padding rows see the prefix and themselves only
+        par = torch.tensor(parents, dtype=torch.long).to(self.device, non_blocking=True)
+        start = torch.tensor(self.length + offset, dtype=torch.long).to(self.device,
+                                                                          non_blocking=True)
+        if last_only:  # eager prefill: the head for the last row only
+            return step(tokens, par, start, self.cache.keys, self.cache.values, window,
+                        last_only=True)
+        logits = step(tokens, par, start, self.cache.keys, self.cache.values, window)
+        if step is self._step and self.compiled and self.device.type == "cuda":
+            logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
+        return logits[:m]
 
     def _keep(self, keep):
         self.cache.keep(self.length, keep)
@@ -162,9 +261,14 @@ class HFTarget(Target):
         self.cache = DynamicCache()
 
     @torch.inference_mode()
-    def _forward(self, tokens, positions, tree_mask, last_only):
+    def _run(self, tokens, parents, last_only):
         n = tokens.numel()
         kwargs = {}
+        if parents is None:
+            positions, tree_mask = torch.arange(n, device=self.device) + self.length, None
+        else:
+            tree_mask = fast_llama.tree_ancestors(torch.tensor(parents, device=self.device))
+            positions = tree_mask.sum(1) - 1 + self.length
         if tree_mask is not None:
             full = torch.cat([torch.ones(n, self.length, dtype=torch.bool, device=self.device),
                               tree_mask], dim=1)
@@ -198,12 +302,13 @@ class HFTarget(Target):
 
     def _keep(self, keep):
         n_pending = self._pending
-        k = int(keep.numel())
-        if k == 0 or bool((keep == torch.arange(k, device=keep.device)).all()):
+        k = len(keep)
+        if keep == list(range(k)):
             if n_pending - k:
                 self.cache.crop(-(n_pending - k))
             return
-        index = torch.cat([torch.arange(self.length, device=self.device), keep + self.length])
+        index = torch.cat([torch.arange(self.length, device=self.device),
+                           torch.tensor(keep, device=self.device) + self.length])
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(-2, index)
             layer.values = layer.values.index_select(-2, index)
@@ -213,7 +318,11 @@ BACKENDS = ("auto", "fast", "hf")
 
 
 def make_target(model, tokenizer, backend: str = "auto", attention=None,
-                exit_layer: int | None = None) -> Target:
+                exit_layer: int | None = None, compile: bool = False,
+                exact: bool = False) -> Target:
+    """``compile``/``exact`` apply to the fast backend (see :class:`FastTarget`); the HF backend
+    refuses them."""
+    fast_opts = {"compile": compile, "exact": exact}
     if exit_layer:
         n_layers = model.config.num_hidden_layers
         if not fast_llama.supports(model):
@@ -221,12 +330,15 @@ def make_target(model, tokenizer, backend: str = "auto", attention=None,
                             f"not {model.config.model_type}")
         if not 1 <= exit_layer < n_layers:
             raise UserError(f"draft_model=self:{exit_layer}: choose N from 1 to {n_layers - 1}")
-        return FastTarget(model, tokenizer, attention=attention, exit_layer=exit_layer)
+        return FastTarget(model, tokenizer, attention=attention, exit_layer=exit_layer, **fast_opts)
     if backend not in BACKENDS:
         raise UserError(f"model.backend={backend} is not one of {', '.join(BACKENDS)}")
     if backend == "fast" and not fast_llama.supports(model):
         raise UserError(f"model.backend=fast supports {', '.join(fast_llama.SUPPORTED)} models, not "
                         f"{model.config.model_type}; use model.backend=hf")
     if backend == "fast" or (backend == "auto" and fast_llama.supports(model)):
-        return FastTarget(model, tokenizer, attention=attention)
+        return FastTarget(model, tokenizer, attention=attention, **fast_opts)
+    if compile or exact:
+        raise UserError("compile=true and exact=true need the lean forward (model.backend=fast, "
+                        "Llama-architecture models); set them to false for this model")
     return HFTarget(model, tokenizer)

@@ -1,9 +1,14 @@
 """Tree attention for speculative verification: new tree tokens attend to the whole cached prefix
 and to their own ancestors in the draft tree (not to their siblings or cousins).
 
-Shapes: q [H, n, D] (the n new tokens), k and v [Hkv, P + n, D] (the committed prefix of length P
-followed by the new tokens' keys and values), ``tree_mask`` [n, n] bool (True where token i may see
-token j; None means causal). Grouped-query attention: query head h reads kv head h // (H / Hkv).
+Shapes: q [H, n, D] (the n new tokens), k and v [Hkv, T, D] (the cache's first T slots: the
+committed prefix, the new tokens' keys and values, maybe free slots), ``allowed`` [n, T] bool (True
+where token i may see slot j). Grouped-query attention: query head h reads kv head h // (H / Hkv).
+:func:`allowed_mask` builds ``allowed`` from a prefix length and an [n, n] tree mask.
+
+:func:`tree_attention` is the one dispatcher the lean Llama forward and the tests call: the Triton
+kernel where :func:`tokctl.kernels.use_triton` says so (and not inside ``torch.compile``, which
+takes the reference, SDPA, into its graph), :func:`tree_attention_ref` otherwise.
 
 The kernel is a FlashAttention-style pass: one program per (head, block of queries) streams the keys
 in blocks with an online softmax, in fp32, so that its memory traffic is the KV cache read once.
@@ -24,7 +29,7 @@ if triton_available():
     @triton.jit
     def _tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
-        n, prefix, group, scale,
+        n, total, group, scale,
         sqh, sqn, sqd, skh, skn, skd, svh, svn, svd, smi, smj, soh, son, sod,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
         IEEE: tl.constexpr,
@@ -41,7 +46,6 @@ if triton_available():
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        total = prefix + n
         for start in range(0, total, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < total
@@ -55,12 +59,9 @@ if triton_available():
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
                 s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            # Keys in the prefix are visible to every row; tree keys only where the mask says so.
-            tree_col = cols - prefix
-            in_tree = (tree_col >= 0) & col_ok
-            tree_ok = tl.load(mask_ptr + rows[:, None] * smi + tree_col[None, :] * smj,
-                              mask=row_ok[:, None] & in_tree[None, :], other=0)
-            visible = (((cols < prefix)[None, :]) | (tree_ok != 0)) & col_ok[None, :] & row_ok[:, None]
+            ok = tl.load(mask_ptr + rows[:, None] * smi + cols[None, :] * smj,
+                         mask=row_ok[:, None] & col_ok[None, :], other=0)
+            visible = (ok != 0) & col_ok[None, :] & row_ok[:, None]
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -77,43 +78,43 @@ if triton_available():
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
-def _full_mask(n: int, tree_mask: torch.Tensor | None, device) -> torch.Tensor:
+def allowed_mask(prefix: int, tree_mask: torch.Tensor | None, n: int | None = None,
+                 device=None) -> torch.Tensor:
+    """[n, prefix + n] bool: every row sees the whole prefix, then ``tree_mask`` ([n, n]) among the
+    new tokens (None: causal)."""
     if tree_mask is None:
-        return torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    return tree_mask.to(device=device, dtype=torch.bool)
+        tree_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    n = tree_mask.shape[0]
+    return torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=tree_mask.device),
+                      tree_mask.to(torch.bool)], dim=1)
 
 
-def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
-                       tree_mask: torch.Tensor | None) -> torch.Tensor:
-    """Reference: PyTorch SDPA over [prefix | tree] with an explicit boolean mask, in fp32."""
-    n = q.shape[1]
-    allowed = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=q.device),
-                         _full_mask(n, tree_mask, q.device)], dim=1)
-    group = q.shape[0] // k.shape[0]
-    kf = k.float().repeat_interleave(group, dim=0)
-    vf = v.float().repeat_interleave(group, dim=0)
-    out = torch.nn.functional.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=allowed)
-    return out.to(q.dtype)
+def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       allowed: torch.Tensor) -> torch.Tensor:
+    """Reference: PyTorch SDPA with grouped-query heads and the explicit boolean mask, in the
+    inputs' dtype (what production computes)."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, enable_gqa=k.shape[0] != q.shape[0])
 
 
-def tree_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int,
-                          tree_mask: torch.Tensor | None, block_m: int = 16,
-                          block_n: int | None = None) -> torch.Tensor:
+def tree_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                          block_m: int = 16, block_n: int | None = None) -> torch.Tensor:
     heads, n, dim = q.shape
     kv_heads = k.shape[0]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not group over {kv_heads} kv heads")
-    if k.shape[1] != prefix + n:
-        raise ValueError(f"keys hold {k.shape[1]} positions, expected prefix {prefix} + {n}")
+    if allowed.shape != (n, k.shape[1]):
+        raise ValueError(f"mask {tuple(allowed.shape)} does not match {n} queries over "
+                         f"{k.shape[1]} keys")
     if block_n is None:
         # Measured on an H200 (64 tree tokens over 2048 cached): 128 keys a step for 64-dim heads
         # (35 us against 52 us at 32), 64 for 128-dim heads (53 us against 69 us).
         block_n = 128 if dim <= 64 else 64
-    mask = _full_mask(n, tree_mask, q.device).to(torch.int8).contiguous()
+    mask = allowed.to(torch.int8).contiguous()
     out = torch.empty_like(q)
     grid = (heads, triton.cdiv(n, block_m))
     _tree_attention_kernel[grid](
-        q, k, v, mask, out, n, prefix, heads // kv_heads, 1.0 / math.sqrt(dim),
+        q, k, v, mask, out, n, k.shape[1], heads // kv_heads, 1.0 / math.sqrt(dim),
         *q.stride(), *k.stride(), *v.stride(), *mask.stride(), *out.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(dim)), HEAD_DIM=dim,  # tl.dot: dims >= 16
         IEEE=q.dtype == torch.float32,
@@ -121,15 +122,18 @@ def tree_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pre
     return out
 
 
-def tree_attention(q, k, v, prefix, tree_mask):
-    """Dispatch: the Triton kernel on a GPU (or when forced), the reference otherwise."""
-    if use_triton(q, k, v):
-        return tree_attention_triton(q, k, v, prefix, tree_mask)
-    return tree_attention_ref(q, k, v, prefix, tree_mask)
+def tree_attention(q, k, v, allowed):
+    """Dispatch: the Triton kernel on a GPU (or when forced) in eager code, the reference
+    otherwise (and always inside torch.compile, where SDPA joins the graph)."""
+    if not torch.compiler.is_compiling() and use_triton(q, k, v):
+        return tree_attention_triton(q, k, v, allowed)
+    return tree_attention_ref(q, k, v, allowed)
 
 
 def bench_cases(device: str):
     """Verification of a 64-node tree over a 2k-token cache, SmolLM2-135M's and Llama-8B's heads."""
+    from tokctl.models.fast_llama import tree_ancestors
+
     cases = []
     for label, heads, kv_heads, dim, prefix, n in [("smollm2 H9/3 D64 P2048 n64", 9, 3, 64, 2048, 64),
                                                    ("llama8b H32/8 D128 P2048 n64", 32, 8, 128, 2048, 64)]:
@@ -138,11 +142,7 @@ def bench_cases(device: str):
         k = torch.randn(kv_heads, prefix + n, dim, device=device, generator=g, dtype=torch.bfloat16)
         v = torch.randn_like(k)
         parents = torch.arange(n) // 2 - 1  # a binary tree
-        mask = torch.eye(n, dtype=torch.bool)
-        for i in range(n):
-            if parents[i] >= 0:
-                mask[i] |= mask[parents[i]]
-        mask = mask.to(device)
-        cases.append((label, lambda q=q, k=k, v=v, m=mask, p=prefix: tree_attention_triton(q, k, v, p, m),
-                      lambda q=q, k=k, v=v, m=mask, p=prefix: tree_attention_ref(q, k, v, p, m)))
+        mask = allowed_mask(prefix, tree_ancestors(parents)).to(device)
+        cases.append((label, lambda q=q, k=k, v=v, m=mask: tree_attention_triton(q, k, v, m),
+                      lambda q=q, k=k, v=v, m=mask: tree_attention_ref(q, k, v, m)))
     return cases

@@ -1,4 +1,9 @@
-"""`method=hf`: Hugging Face `generate` with the same settings, as an outside reference point."""
+"""`method=hf`: Hugging Face `generate` with the same settings, as an outside reference point.
+
+``cache: static`` makes generate use its static KV cache; with the top-level ``compile=true`` its
+forward is then compiled too (transformers' own auto-compile, on every device), the fair reference
+for a compiled `ar`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,11 @@ from tokctl.decode.sampling import Settings
 
 class HFGenerate(DecodingMethod):
     name = "hf"
+
+    def __init__(self, cache: str = "dynamic"):
+        if cache not in ("dynamic", "static"):
+            raise ValueError(f"cache={cache} must be dynamic or static")
+        self.cache = cache
 
     def setup(self, target, loaded) -> None:
         super().setup(target, loaded)
@@ -29,6 +39,16 @@ class HFGenerate(DecodingMethod):
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
+        if self.cache == "static":
+            from transformers import CompileConfig
+
+            kwargs["cache_implementation"] = "static"
+            if getattr(self.target, "compiled", False):
+                config = CompileConfig(fullgraph=True)
+                config._compile_all_devices = True  # transformers compiles on GPUs only otherwise
+                kwargs["compile_config"] = config
+            else:
+                kwargs["disable_compile"] = True
         out = self.model.generate(
             ids, attention_mask=torch.ones_like(ids),
             max_new_tokens=min(settings.max_new_tokens, room),

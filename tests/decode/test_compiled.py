@@ -1,0 +1,64 @@
+"""The compiled decode step: whole graphs, a few fixed shapes, the same logits as the eager step.
+
+Dynamo's capture (whole graphs, no recompiles after the warm-up) does not depend on the backend,
+so the test compiles with aot_eager (traced and functionalised like Inductor's input, without its
+C++ build, which takes minutes on a busy 2-core machine); Inductor runs in the CLI and benchmarks.
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tokctl.decode.target import FastTarget
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _trees(gen, steps):
+    """Mixed tree sizes (1 to 8 nodes: buckets 1, 2, 4, 8), random parents before children."""
+    for _ in range(steps):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
+        tokens = torch.randint(0, 97, (n,), generator=gen).tolist()
+        yield tokens, parents
+
+
+def _decode(target, prompt, steps, seed):
+    """Verify-and-commit steps: commit the path to the deepest node, as a speculative step does."""
+    gen = torch.Generator().manual_seed(seed)
+    out = [target.prefill(prompt)]
+    for tokens, parents in _trees(gen, steps):
+        logits = target.forward(tokens, parents)
+        out.append(logits)
+        node, path = len(tokens) - 1, []
+        while node >= 0:
+            path.append(node)
+            node = parents[node]
+        target.commit(path[::-1])
+    return out
+
+
+def test_compiled_steps_match_eager_without_breaks_or_recompiles(tiny):
+    import torch._dynamo.utils as du
+
+    prompt = list(range(3, 20))
+    eager = FastTarget(tiny, None)
+    compiled = FastTarget(tiny, None, compile=True, compile_backend="aot_eager")
+    torch._dynamo.reset()
+    du.counters.clear()
+    _decode(compiled, prompt, 12, seed=1)  # warm-up: every bucket the steps below use
+    frames = du.counters["stats"]["unique_graphs"]
+    assert frames >= 1 and not du.counters["graph_break"], dict(du.counters["graph_break"])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = _decode(compiled, prompt, 20, seed=1)
+    assert du.counters["stats"]["unique_graphs"] == frames, "recompiled after the warm-up"
+    assert not du.counters["graph_break"]
+    want = _decode(eager, prompt, 20, seed=1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
