@@ -154,3 +154,32 @@ def test_triton_path_runs_in_the_model(force_triton):
         want = info.forward(x)
         patch.remove()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_blocks_are_whole_graphs_and_agree():
+    """compile: every patched block is one graph (fullgraph: a break would raise), one per layer
+    (static shapes), and the logits are the eager ones; the baseline runs compiled too."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, info = tiny("deit", layers=2, image=16)  # 16 patches + 2: r=20 becomes 8, then 5
+    x = pixels(batch=2, image=16)
+    with torch.no_grad():
+        patch = apply_patch(model, ToMe(r=20), info)
+        want = info.forward(x)
+        with patch.disabled():
+            base = info.forward(x)
+        patch.remove()
+        method = ToMe(r=20)
+        patch = apply_patch(model, method, info, compile="aot_eager")
+        got = info.forward(x)
+        frames = counters["stats"]["unique_graphs"]
+        again = info.forward(x)
+        with patch.disabled():
+            torch.testing.assert_close(info.forward(x), base, rtol=1e-5, atol=1e-5)
+        patch.remove()
+    assert method.r_per_layer == [8, 5]
+    assert frames == info.depth and not counters["graph_break"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, got)

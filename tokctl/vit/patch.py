@@ -141,7 +141,7 @@ class TokenMethod(nn.Module):
     fused_block = None
 
 
-def _compile(fn):
+def _compile(fn, backend: str = "inductor"):
     """torch.compile for one layer's block: whole graph (a graph break is an error), static shapes."""
     # Every layer is its own specialisation of the same code (other weights, other token count):
     # allow as many as the model has layers, times a few batch sizes and dtypes.
@@ -149,17 +149,19 @@ def _compile(fn):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 256))
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 
 
 class Patch:
     """The patch on one model: apply, remove, or briefly disable."""
 
     def __init__(self, model: nn.Module, info: VitInfo, method: TokenMethod, trace_source: bool = False,
-                 compile: bool = False):
+                 compile: bool | str = False):
+        # compile: False, True (inductor) or the name of a torch.compile backend (tests: "aot_eager").
         self.model, self.info, self.method = model, info, method
         self.trace_source = trace_source
-        self.compile = compile
+        self.compile = bool(compile)
+        self._backend = compile if isinstance(compile, str) else "inductor"
         self._fused: list | None = None
         self._originals: list | None = None
         self.state: TokenState | None = None
@@ -178,7 +180,7 @@ class Patch:
                 # neighbours); the Triton kernels serve eager runs on a GPU.
                 if hasattr(self.method, "kernel"):
                     self.method.kernel = False
-                fused = [_compile(f) for f in fused]
+                fused = [_compile(f, self._backend) for f in fused]
             self._fused = fused
         elif self.compile:
             raise UserError(f"compile=true: method {self.method.name} has no fused block to compile "
@@ -186,7 +188,7 @@ class Patch:
         if self.compile:
             # The baseline: the model's own block forwards, compiled alike (graph breaks allowed:
             # they are the library's code).
-            self._originals = [torch.compile(type(b).forward.__get__(b), dynamic=False)
+            self._originals = [torch.compile(type(b).forward.__get__(b), dynamic=False, backend=self._backend)
                                for b in self.info.blocks]
         for index, block in enumerate(self.info.blocks):
             block.forward = functools.partial(self._block_forward, index)
@@ -252,7 +254,7 @@ class Patch:
 
 
 def apply_patch(model: nn.Module, method: TokenMethod, info: VitInfo | None = None,
-                trace_source: bool = False, compile: bool = False) -> Patch:
+                trace_source: bool = False, compile: bool | str = False) -> Patch:
     from tokctl.vit.model import describe
 
     return Patch(model, info or describe(model), method, trace_source, compile).apply()
