@@ -54,7 +54,7 @@ def test_diffrate_searches_on_held_out_images_and_saves_rates(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["method=tome", "method.r=40", "data=synthetic", "data.num_images=2"], "too large"),
+    (["method=tome", "method.r=-1", "data=synthetic", "data.num_images=2"], ">= 0"),
     (["data=folder", "data.path=/nonexistent/folder"], "does not exist"),
     (["batch_size=0", "data=synthetic"], "batch_size"),
     (["method=cluster", "method.clusters=[20,20]", "data=synthetic", "data.num_images=2"], "finer"),

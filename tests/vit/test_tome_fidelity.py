@@ -163,7 +163,7 @@ def test_compiled_blocks_are_whole_graphs_and_agree():
 
     torch._dynamo.reset()
     counters.clear()
-    model, info = tiny("deit", layers=2, image=16)  # 16 patches + 2: r=20 becomes 8, then 5
+    model, info = tiny("deit", layers=2, image=16)  # 16 patches + 2: r=20 becomes 8, then 4
     x = pixels(batch=2, image=16)
     with torch.no_grad():
         patch = apply_patch(model, ToMe(r=20), info)
@@ -179,7 +179,7 @@ def test_compiled_blocks_are_whole_graphs_and_agree():
         with patch.disabled():
             torch.testing.assert_close(info.forward(x), base, rtol=1e-5, atol=1e-5)
         patch.remove()
-    assert method.r_per_layer == [8, 5]
+    assert method.r_per_layer == [8, 4]
     assert frames == info.depth and not counters["graph_break"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, got)
