@@ -101,4 +101,6 @@ for kernel in triton torch; do
       fidelity_images=16 vis.images=2 hydra.run.dir="$runs/vit-tome-$kernel" 2>&1 | tail -6
   cp "$runs/vit-tome-$kernel/metrics.json" "$out/vit-tome-$kernel.json" 2>/dev/null
 done
+step "compress-vit: ViT-B/16 uncompressed vs ToMe r=8/13/16, batch 1/64/256, fp16/bf16, eager/compiled"
+$py bench/gpu_vit.py --budget-s 420 --json "$out/vit.json"
 step done

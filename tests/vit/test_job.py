@@ -77,7 +77,7 @@ def test_calibration_without_the_training_split_is_a_warning_and_a_field(tmp_pat
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["method=tome", "method.r=40", "data=synthetic", "data.num_images=2"], "too large"),
+    (["method=tome", "method.r=-1", "data=synthetic", "data.num_images=2"], ">= 0"),
     (["data=folder", "data.path=/nonexistent/folder"], "does not exist"),
     (["batch_size=0", "data=synthetic"], "batch_size"),
     (["method=cluster", "method.clusters=[20,20]", "data=synthetic", "data.num_images=2"], "finer"),

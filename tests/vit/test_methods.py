@@ -9,7 +9,7 @@ from tokctl.errors import UserError
 from tokctl.vit.methods.cluster import ClusterTokens, local_kmeans
 from tokctl.vit.methods.diffrate import DiffRate
 from tokctl.vit.methods.evit import EViT, default_locations
-from tokctl.vit.methods.tome import ToMe, largest_constant_r, parse_r
+from tokctl.vit.methods.tome import ToMe, parse_r
 from tokctl.vit.methods.tsm import SlimTokens, TokenSlimming
 from tokctl.vit.patch import apply_patch
 
@@ -33,11 +33,14 @@ def test_parse_r_forms():
         parse_r(2, [1, 2, 3])
 
 
-def test_tome_r_too_large_names_the_largest_possible():
-    model, info = tiny(layers=4)  # 64 patches
-    with pytest.raises(UserError, match=r"largest constant r .* is 12"):
-        apply_patch(model, ToMe(r=20), info)
-    assert largest_constant_r(64, 4) == 12
+def test_tome_r_too_large_is_lowered_per_layer():
+    model, info = tiny(layers=4)  # 64 patches + [CLS]: at most (65 - 1) // 2 = 32 merge in layer 0
+    method = ToMe(r=40)
+    patch = apply_patch(model, method, info)
+    with torch.no_grad():
+        info.forward(pixels())
+    assert method.r_per_layer == [32, 16, 8, 4]
+    assert patch.last_state.tokens_mlp == [33, 17, 9, 5]
 
 
 def test_tome_source_tracks_every_patch_once():

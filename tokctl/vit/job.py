@@ -136,7 +136,7 @@ def run(cfg, run) -> dict[str, Any]:
     compressed_info = info if compressed_model is model else model_mod.describe(compressed_model)
     if compressed_model is not model:
         compressed_info.family = info.family
-    patch = Patch(compressed_model, compressed_info, method).apply()
+    patch = Patch(compressed_model, compressed_info, method, compile=bool(cfg.get("compile", False))).apply()
     try:
         return _evaluate(cfg, run, method, model, info, compressed_info, patch, source, batch_size)
     finally:

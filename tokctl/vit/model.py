@@ -298,12 +298,19 @@ def build_hf_random(family: str, hidden_size: int, num_hidden_layers: int, num_a
         model = transformers.DeiTForImageClassification(transformers.DeiTConfig(num_labels=num_labels, **common))
     elif family == "clip":
         model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
-    elif family == "dinov2":
+    elif family == "siglip":  # no prefix token (attention pooling)
+        model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**common))
+    elif family in ("dinov2", "dinov2_registers"):
         common.pop("intermediate_size")
-        model = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(
-            num_labels=num_labels, mlp_ratio=(intermediate_size or 4 * hidden_size) // hidden_size, **common))
+        mlp_ratio = (intermediate_size or 4 * hidden_size) // hidden_size
+        if family == "dinov2":
+            model = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(
+                num_labels=num_labels, mlp_ratio=mlp_ratio, **common))
+        else:  # [CLS] + 4 registers
+            model = transformers.Dinov2WithRegistersForImageClassification(
+                transformers.Dinov2WithRegistersConfig(num_labels=num_labels, mlp_ratio=mlp_ratio, **common))
     else:
-        raise UserError(f"model.family={family} is not one of vit, deit, clip, dinov2")
+        raise UserError(f"model.family={family} is not one of vit, deit, clip, siglip, dinov2, dinov2_registers")
     return model.eval()
 
 

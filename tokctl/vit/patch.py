@@ -11,6 +11,11 @@ model for a moment. The patched forward is the pre-norm block every supported fa
 with the method's hooks before the block, after the attention and after the block. What a method
 needs across blocks (token sizes, which patches each token stands for, tokens per layer) lives in
 a :class:`TokenState` made fresh by the first block of every forward pass.
+
+A method may instead give the whole block as one function of tensors (``fused_block``: ToMe).
+Then ``compile=True`` runs each layer's block through ``torch.compile`` (whole graph, static
+shapes: a layer's token count is fixed), and the baseline (:meth:`Patch.disabled`) runs the
+model's own blocks compiled the same way, so the two compare like with like.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokctl.errors import UserError
+from tokctl.kernels.token_merge import merge_apply
 from tokctl.vit.model import BlockParts, VitInfo
 
 
@@ -129,13 +135,35 @@ class TokenMethod(nn.Module):
     def describe(self) -> dict[str, Any]:
         return {"method": self.name}
 
+    # Optional: the whole block as ``fused_block(index, parts, x, size) -> (x, size, merge)``, a
+    # function of tensors (merge: a MergeResult for the source map, or None). Methods without it
+    # run through the hooks above.
+    fused_block = None
+
+
+def _compile(fn, backend: str = "inductor"):
+    """torch.compile for one layer's block: whole graph (a graph break is an error), static shapes."""
+    # Every layer is its own specialisation of the same code (other weights, other token count):
+    # allow as many as the model has layers, times a few batch sizes and dtypes.
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 256))
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+
 
 class Patch:
     """The patch on one model: apply, remove, or briefly disable."""
 
-    def __init__(self, model: nn.Module, info: VitInfo, method: TokenMethod, trace_source: bool = False):
+    def __init__(self, model: nn.Module, info: VitInfo, method: TokenMethod, trace_source: bool = False,
+                 compile: bool | str = False):
+        # compile: False, True (inductor) or the name of a torch.compile backend (tests: "aot_eager").
         self.model, self.info, self.method = model, info, method
         self.trace_source = trace_source
+        self.compile = bool(compile)
+        self._backend = compile if isinstance(compile, str) else "inductor"
+        self._fused: list | None = None
+        self._originals: list | None = None
         self.state: TokenState | None = None
         self.last_state: TokenState | None = None
         self._applied = False
@@ -144,6 +172,24 @@ class Patch:
         if getattr(self.model, "_tokctl_patch", None) is not None:
             raise UserError("this model is already patched; remove the first patch before applying another")
         self.method.setup(self.info)
+        if self.method.fused_block is not None:
+            fused = [functools.partial(self.method.fused_block, index, parts)
+                     for index, parts in enumerate(self.info.parts)]
+            if self.compile:
+                # Inside a compiled graph the merge is torch's (inductor fuses it with its
+                # neighbours); the Triton kernels serve eager runs on a GPU.
+                if hasattr(self.method, "kernel"):
+                    self.method.kernel = False
+                fused = [_compile(f, self._backend) for f in fused]
+            self._fused = fused
+        elif self.compile:
+            raise UserError(f"compile=true: method {self.method.name} has no fused block to compile "
+                            f"(supported: tome)")
+        if self.compile:
+            # The baseline: the model's own block forwards, compiled alike (graph breaks allowed:
+            # they are the library's code).
+            self._originals = [torch.compile(type(b).forward.__get__(b), dynamic=False, backend=self._backend)
+                               for b in self.info.blocks]
         for index, block in enumerate(self.info.blocks):
             block.forward = functools.partial(self._block_forward, index)
         self.model._tokctl_patch = self
@@ -162,13 +208,16 @@ class Patch:
     def disabled(self) -> Iterator[None]:
         """Run the unpatched model inside the block: the same weights, the original forward."""
         saved = [block.__dict__.pop("forward", None) for block in self.info.blocks]
+        if self._originals is not None:
+            for block, fwd in zip(self.info.blocks, self._originals):
+                block.forward = fwd
         try:
             yield
         finally:
-            if self._applied:
-                for block, fwd in zip(self.info.blocks, saved):
-                    if fwd is not None:
-                        block.forward = fwd
+            for block, fwd in zip(self.info.blocks, saved):
+                block.__dict__.pop("forward", None)
+                if self._applied and fwd is not None:
+                    block.forward = fwd
 
     def _block_forward(self, index: int, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # *args/**kwargs: the attention mask and options the encoder passes; a vision encoder has
@@ -177,6 +226,16 @@ class Patch:
         if index == 0:
             self.state = TokenState.start(x, self.info.prefix_tokens, self.info.grid, self.trace_source)
         st, method, parts = self.state, self.method, self.info.parts[index]
+        if self._fused is not None:
+            st.tokens_attn.append(x.shape[1])
+            x, st.size, merge = self._fused[index](x, st.size)
+            if merge is not None and st.source is not None:
+                st.source = merge_apply(st.source, merge.unm_idx, merge.src_idx, merge.dst_idx,
+                                        st.prefix, reduce="amax")
+            st.tokens_mlp.append(x.shape[1])
+            if index == len(self.info.blocks) - 1:
+                self.last_state = st
+            return x
         x = method.before_block(index, x, st)
         q, k, v = parts.project(parts.norm1(x))
         st.tokens_attn.append(x.shape[1])
@@ -195,10 +254,10 @@ class Patch:
 
 
 def apply_patch(model: nn.Module, method: TokenMethod, info: VitInfo | None = None,
-                trace_source: bool = False) -> Patch:
+                trace_source: bool = False, compile: bool | str = False) -> Patch:
     from tokctl.vit.model import describe
 
-    return Patch(model, info or describe(model), method, trace_source).apply()
+    return Patch(model, info or describe(model), method, trace_source, compile).apply()
 
 
 def remove_patch(model: nn.Module) -> None:
