@@ -121,7 +121,7 @@ def _print_listing(root: Path, rows: list[dict[str, Any]], hidden: str) -> None:
              "status": max(len(r["status"] or "?") for r in rows),
              "n": max(len(str(r["n"])) for r in rows)}
     console.print(f"[bold]{len(rows)} run(s) under {root}[/], newest first"
-                  + (f"; {hidden}" if hidden else ""), soft_wrap=True)
+                  + (f"; {hidden}" if hidden else ""))
     for parent, members in groups.items():
         try:
             where = parent.relative_to(root)
@@ -129,7 +129,7 @@ def _print_listing(root: Path, rows: list[dict[str, Any]], hidden: str) -> None:
             where = parent
         kind = f"  [dim]sweep, {len(members)} shown[/]" if (parent / "sweep.json").is_file() else ""
         console.print(f"[bold cyan]{where}/[/]{kind}", soft_wrap=True)
-        if (parent / "sweep.json").is_file():  # points in the grid's order
+        if all(Path(r["path"]).name.isdigit() for r in members):  # sweep points: grid order
             members = sorted(members, key=lambda r: (not Path(r["path"]).name.isdigit(),
                                                      int(Path(r["path"]).name)
                                                      if Path(r["path"]).name.isdigit() else 0))
@@ -166,12 +166,14 @@ def runs_show(run: Path, as_json: bool = False) -> None:
     if head:
         console.print("headline: " + headline_text(command, row["metrics"]), soft_wrap=True)
     flat = flatten({k: v for k, v in metrics.items() if k not in ("entries", "curves")})
+    flat = {**{k: flat[k] for k in head if k in flat}, **flat}  # the headline first
     console.print(_key_values("metrics", flat))
     if isinstance(metrics.get("entries"), list) and metrics["entries"]:
         console.print(_entries_rich(metrics["entries"], metrics.get("curves") or {}))
     console.print(_key_values("config", flatten(load_config(run))))
-    keys = ("torch_threads", "packages", "git_commit", "cpus_available", "device", "dtype")
-    console.print("env: " + ", ".join(f"{k}={env[k]}" for k in keys if k in env), soft_wrap=True)
+    keys = ("time", "host", "torch_threads", "threads_reason", "cpus_available", "device",
+            "dtype", "git_commit", "packages")
+    console.print(_key_values("env", flatten({k: env[k] for k in keys if k in env})))
 
 
 def _key_values(title: str, flat: dict[str, Any]) -> Table:
@@ -314,8 +316,8 @@ def _print_compare(df: pd.DataFrame, command: str, shown: list[str], by: str | N
     notes = [rt.METRICS[m].note for m in shown if m in rt.METRICS and rt.METRICS[m].note]
     notes.append(f"n: {rt.SIZE_NAMES.get(command, 'samples')} per run")
     if with_status:
-        notes.append("- : incomplete (interrupted, running) or failed: partial metrics, "
-                     "ranked apart")
+        apart = sorted(set(df.loc[df["group"] != rt.COMPLETE, "status"].fillna("no status")))
+        notes.append(f"-: not completed ({', '.join(apart)}), so partial metrics: ranked apart")
     if hidden_failed:
         notes.append(_hidden_note(hidden_failed))
     if command == "tokenize-image eval":
