@@ -236,13 +236,19 @@ def draw_tradeoff(ax, runs: list[RunRecord], panel: TradeoffPanel) -> None:
     for r in pts:
         by_method.setdefault(_method_of(r), []).append(r)
     placed: list[tuple[float, float]] = []
+    drawn: dict[tuple, str] = {}  # rounded points -> the method that drew them first
     for i, (method, rs) in enumerate(sorted(by_method.items())):
         # joined in order of compression (FLOPs are exact; measured speed is noisy)
         rs = sorted(rs, key=lambda r: -(_num(r.metrics.get("gflops")) or 0.0))
         xs = [_num(r.metrics[panel.xkey]) for r in rs]
         ys = [100 * _num(r.metrics[panel.ykey]) for r in rs]
-        ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], ls=LINESTYLES[i % len(LINESTYLES)],
-                ms=6, mec="white", mew=0.7, label=method, zorder=3)
+        # Each method its own marker and line style, and markers smaller with each method
+        # drawn: where two methods' points coincide, the later sits inside the earlier's.
+        style = {"marker": MARKERS[i % len(MARKERS)], "ls": LINESTYLES[i % len(LINESTYLES)],
+                 "ms": max(4.0, 11.0 - 3.5 * i), "mec": "white", "mew": 0.6, "zorder": 3 + i}
+        twin = _same_points(drawn, method, xs, ys)
+        ax.plot(xs, ys, label=method if twin is None else f"{method} (same points as {twin})",
+                **style)
         for r, x, y in zip(rs, xs, ys):
             level = _level_of(r)
             if level:
@@ -266,6 +272,16 @@ def draw_tradeoff(ax, runs: list[RunRecord], panel: TradeoffPanel) -> None:
     ax.set_ylabel(panel.ylabel)
     ax.set_title(f"compress-vit: {panel.ylabel.split(' (')[0]} against {panel.what}\n"
                  f"better: {panel.better}")
+
+
+def _same_points(drawn: dict[tuple, str], name: str, xs, ys) -> str | None:
+    """The series already drawn at exactly these points (to 3 significant digits), if any;
+    else remember these as ``name``'s."""
+    key = tuple((float(f"{x:.3g}"), float(f"{y:.3g}")) for x, y in zip(xs, ys))
+    if key in drawn:
+        return drawn[key]
+    drawn[key] = name
+    return None
 
 
 def _method_of(r: RunRecord) -> str:
@@ -336,10 +352,8 @@ def rate_distortion_figure(runs: list[RunRecord], path: Path, title: str | None 
         curves_drawn: set[tuple[str, str]] = set()  # runs on the same images share a JPEG curve
 
         def plot(name: str, xs, ys, st: dict[str, Any], label: str, **kw) -> None:
-            points = tuple((round(x, 1), round(y, 4)) for x, y in zip(xs, ys))
-            twin = drawn.get(points)
+            twin = _same_points(drawn, name, xs, ys)
             if twin is None:
-                drawn[points] = name
                 ax.plot(xs, ys, color=st["color"], marker=st["marker"], ls=st["ls"], label=label,
                         **kw)
             else:  # the same points again: hollow, larger, dotted, and said in the legend

@@ -287,32 +287,49 @@ def _print_compare(df: pd.DataFrame, command: str, shown: list[str], by: str | N
     order = "" if not by else f", ranked by {rt.header(by)} " + (
         "(lowest first)" if ascending else "(highest first)")
     title = f"{len(df)} {command} runs in {parent}{order}"
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
-                  title_justify="left")
-    table.add_column("#", justify="right", no_wrap=True)
-    for m in shown:
-        table.add_column(rt.header(m), justify="right", no_wrap=True)
-    table.add_column("n", justify="right", no_wrap=True)
-    table.add_column("settings", ratio=1, min_width=12)
+    rows = _records(df)
     with_status = (df["group"] != rt.COMPLETE).any()
-    table.add_column("run", no_wrap=True)
-    if with_status:
-        table.add_column("status", no_wrap=True)
-    last_group = None
-    for r in _records(df):
-        if last_group is not None and r["group"] != last_group:
-            table.add_section()
-        last_group = r["group"]
-        path = Path(r["path"])
+    for r in rows:
+        r["#"] = str(r["rank"]) if r["rank"] is not None else "-"
         try:
-            where = str(path.absolute().relative_to(Path(parent).absolute()))
+            r["where"] = str(Path(r["path"]).absolute().relative_to(Path(parent).absolute()))
         except ValueError:
-            where = rt.short_path(path)
-        cells = [str(r["rank"]) if r["rank"] is not None else "-",
-                 *[fmt(r.get(f"metrics.{m}"), m) for m in shown], str(r["n"]), r["label"], where]
+            r["where"] = rt.short_path(r["path"])
+        r["cells"] = [fmt(r.get(f"metrics.{m}"), m) for m in shown]
+    widths = [max(len(rt.header(m)), *(len(r["cells"][i]) for r in rows)) + 3
+              for i, m in enumerate(shown)]
+    # The metrics need their room whole; a terminal too narrow for them and a usable settings
+    # column (too many -k) gets one block per run instead of a table.
+    if sum(widths) + 6 + 5 + 16 + max(len(r["where"]) for r in rows) > console.width:
+        console.print(f"[bold]{title}[/]")
+        for r in rows:
+            status = "" if r["group"] == rt.COMPLETE else f"  {status_markup(r['status'])}"
+            console.print(f"[bold]#{r['#']} {r['label']}[/]  [dim](run {r['where']}, "
+                          f"n={r['n']})[/]{status}")
+            key_width = max(len(rt.header(m)) for m in shown)
+            for m, cell in zip(shown, r["cells"]):
+                console.print(f"    {rt.header(m):<{key_width}}  {cell}")
+    else:
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+                      title_justify="left")
+        table.add_column("#", justify="right", no_wrap=True)
+        for m in shown:
+            table.add_column(rt.header(m), justify="right", no_wrap=True)
+        table.add_column("n", justify="right", no_wrap=True)
+        table.add_column("settings", ratio=1, min_width=12)
+        table.add_column("run", no_wrap=True)
         if with_status:
-            cells.append(status_markup(r["status"]))
-        table.add_row(*cells, style=None if r["group"] == rt.COMPLETE else "dim")
+            table.add_column("status", no_wrap=True)
+        last_group = None
+        for r in rows:
+            if last_group is not None and r["group"] != last_group:
+                table.add_section()
+            last_group = r["group"]
+            cells = [r["#"], *r["cells"], str(r["n"]), r["label"], r["where"]]
+            if with_status:
+                cells.append(status_markup(r["status"]))
+            table.add_row(*cells, style=None if r["group"] == rt.COMPLETE else "dim")
+        console.print(table)
     notes = [rt.METRICS[m].note for m in shown if m in rt.METRICS and rt.METRICS[m].note]
     notes.append(f"n: {rt.SIZE_NAMES.get(command, 'samples')} per run")
     if with_status:
@@ -323,9 +340,7 @@ def _print_compare(df: pd.DataFrame, command: str, shown: list[str], by: str | N
     if command == "tokenize-image eval":
         notes.append("eval metrics: the first tokenizer at its full token count "
                      "(-k CODEC@TOKENS.ssim for others)")
-    table.caption = "\n".join(notes) or None
-    table.caption_justify = "left"
-    console.print(table)
+    console.print("[dim]" + "\n".join(notes) + "[/]")
 
 
 # ------------------------------------------------------------------------------------ report
