@@ -47,8 +47,8 @@ def merge_title(method_cfg, model: str) -> str:
     name = method_cfg.get("name", "?")
     level = ", ".join(f"{k}={method_cfg[k]}" for k in LEVEL_KEYS
                       if method_cfg.get(k) is not None and not hasattr(method_cfg[k], "keys"))
-    return (f"compress-vit {name}" + (f" ({level})" if level else "") + f" on {model}: "
-            f"which input patches each final token stands for")
+    return (f"compress-vit {name}" + (f" ({level})" if level else "") + f" on the {model} "
+            f"model: which input patches each final token stands for")
 
 
 def save_merge_figure(path: Path | str, images: torch.Tensor, sources: torch.Tensor, prefix: int,
@@ -70,11 +70,11 @@ def save_merge_figure(path: Path | str, images: torch.Tensor, sources: torch.Ten
     n = images.shape[0]
     per_row = min(columns, n)
     rows = -(-n // per_row)
-    height = 2.7 * rows + 1.0  # inches: the rows, the title, and 0.6 for the legend below
+    height = 2.45 * rows + 1.0  # inches: the rows, the title, and 0.6 for the legend below
     fig, axes = plt.subplots(rows, 2 * per_row, figsize=(2.3 * 2 * per_row, height),
                              squeeze=False)
     patches = grid[0] * grid[1]
-    kept_counts = []
+    any_pruned = False
     for i in range(rows * per_row):
         a, b = axes[i // per_row][2 * (i % per_row)], axes[i // per_row][2 * (i % per_row) + 1]
         a.axis("off")
@@ -89,21 +89,23 @@ def save_merge_figure(path: Path | str, images: torch.Tensor, sources: torch.Ten
         grouped = _panel(img, owner, grid, scale)
         original = np.repeat(np.repeat(img[:grouped.shape[0] // scale, :grouped.shape[1] // scale],
                                        scale, 0), scale, 1)
-        tokens = len(np.unique(owner[owner >= 0]))
+        groups = len(np.unique(owner[owner >= 0]))
         pruned = int((owner < 0).sum())
-        kept_counts.append(tokens)
+        any_pruned |= pruned > 0
         a.imshow(original, interpolation="nearest")
         a.set_title(f"image {i + 1}: input", fontsize=8)
         b.imshow(grouped, interpolation="nearest")
-        b.set_title(f"{tokens} tokens for {patches} patches"
+        b.set_title(f"{patches - pruned} patches in {groups} groups"
                     + (f", {pruned} pruned" if pruned else ""), fontsize=8)
     fig.suptitle(title or "Which input patches each final token stands for", fontsize=11)
-    fig.legend(handles=[Patch(facecolor="#b0b0b0", edgecolor="white", linewidth=2,
-                              label="one final token: its patches, filled with their mean "
-                                    "colour, outlined in white"),
-                        Patch(facecolor="#262626", edgecolor="black",
-                              label="pruned patch: no token stands for it any more")],
-               loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=1, fontsize=8, frameon=False)
+    handles = [Patch(facecolor="#b0b0b0", edgecolor="white", linewidth=2,
+                     label="a group: the patches one final token stands for most, filled with "
+                           "their mean colour, outlined in white")]
+    if any_pruned:
+        handles.append(Patch(facecolor="#262626", edgecolor="black",
+                             label="pruned patch (darkened): no token stands for it any more"))
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=1,
+               fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.6 / height, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
