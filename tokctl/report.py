@@ -255,7 +255,7 @@ def runs_compare(paths: list[Path], metrics: list[str] | None = None, as_json: b
     by = shown[0] if shown else None
     if ascending is None and by:
         ascending = rt.lower_is_better(by)
-    df = rt.rank(df, by, ascending)
+    df = rt.rank(df, by, ascending, then=shown[1:])
     df = df.assign(label=rt.labels(df))
     settings = rt.Settings.of(rt.configs(df)).columns()
     if as_json:
@@ -285,7 +285,8 @@ def _print_compare(df: pd.DataFrame, command: str, shown: list[str], by: str | N
                    ascending: bool | None, hidden_failed: int) -> None:
     parent = rt.common_parent(list(df["path"]))
     order = "" if not by else f", ranked by {rt.header(by)} " + (
-        "(lowest first)" if ascending else "(highest first)")
+        "(lowest first)" if ascending else "(highest first)") + (
+        ", ties by the next columns" if len(shown) > 1 else "")
     title = f"{len(df)} {command} runs in {parent}{order}"
     rows = _records(df)
     with_status = (df["group"] != rt.COMPLETE).any()
@@ -298,10 +299,14 @@ def _print_compare(df: pd.DataFrame, command: str, shown: list[str], by: str | N
         r["cells"] = [fmt(r.get(f"metrics.{m}"), m) for m in shown]
     widths = [max(len(rt.header(m)), *(len(r["cells"][i]) for r in rows)) + 3
               for i, m in enumerate(shown)]
+    # the settings column at least as wide as its longest word (``keep_rate=0.7``), so a
+    # setting folds only where it is longer than 28 characters
+    words = max((len(w) for r in rows for w in r["label"].split()), default=8)
+    settings_width = max(12, min(words, 28))
     # The metrics need their room whole; a terminal too narrow for them and a usable settings
     # column (too many -k) gets one block per run instead of a table.
-    if sum(widths) + 6 + 5 + 16 + max(len(r["where"]) for r in rows) > console.width:
-        console.print(f"[bold]{title}[/]")
+    console.print(f"[bold]{title}[/]")
+    if sum(widths) + 6 + 5 + settings_width + max(len(r["where"]) for r in rows) > console.width:
         for r in rows:
             status = "" if r["group"] == rt.COMPLETE else f"  {status_markup(r['status'])}"
             console.print(f"[bold]#{r['#']} {r['label']}[/]  [dim](run {r['where']}, "
@@ -310,13 +315,12 @@ def _print_compare(df: pd.DataFrame, command: str, shown: list[str], by: str | N
             for m, cell in zip(shown, r["cells"]):
                 console.print(f"    {rt.header(m):<{key_width}}  {cell}")
     else:
-        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
-                      title_justify="left")
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
         table.add_column("#", justify="right", no_wrap=True)
         for m in shown:
             table.add_column(rt.header(m), justify="right", no_wrap=True)
         table.add_column("n", justify="right", no_wrap=True)
-        table.add_column("settings", ratio=1, min_width=12)
+        table.add_column("settings", ratio=1, min_width=settings_width, overflow="fold")
         table.add_column("run", no_wrap=True)
         if with_status:
             table.add_column("status", no_wrap=True)

@@ -259,19 +259,22 @@ def numeric(s: pd.Series) -> pd.Series:
     return pd.to_numeric(s.map(lambda v: float(v) if isinstance(v, bool) else v), errors="coerce")
 
 
-def rank(df: pd.DataFrame, by: str | None, ascending: bool | None = None) -> pd.DataFrame:
+def rank(df: pd.DataFrame, by: str | None, ascending: bool | None = None,
+         then: list[str] = ()) -> pd.DataFrame:
     """Completed runs first, best first by ``by``; then incomplete, then failed ones, each group
-    in the same order; runs without the metric last in their group. Ties keep the grid's order.
+    in the same order; runs without the metric last in their group. Ties are broken by the
+    metrics ``then`` (each its own way round), then keep the grid's order.
     Adds ``rank``: 1, 2, ... for the completed runs, None for the others."""
     df = grid_order(df)
     if ascending is None:
         ascending = lower_is_better(by) if by else True
-    if by:
-        key = numeric(column(df, "metrics", by))
-        df = df.assign(_key=key if ascending else -key)
-        df = df.sort_values(["group", "_key"], na_position="last", kind="stable").drop(columns="_key")
-    else:
-        df = df.sort_values("group", kind="stable")
+    keys = {}
+    for i, (metric, up) in enumerate([(by, ascending)] + [(m, lower_is_better(m)) for m in then]):
+        if metric:
+            key = numeric(column(df, "metrics", metric))
+            keys[f"_key{i}"] = key if up else -key
+    df = df.assign(**keys)
+    df = df.sort_values(["group", *keys], na_position="last", kind="stable").drop(columns=list(keys))
     done = df["group"] == COMPLETE
     ranks = pd.Series([None] * len(df), index=df.index, dtype=object)
     ranks[done] = range(1, int(done.sum()) + 1)
