@@ -235,6 +235,25 @@ def draw_tradeoff(ax, runs: list[RunRecord], panel: TradeoffPanel) -> None:
     by_method: dict[str, list[RunRecord]] = {}
     for r in pts:
         by_method.setdefault(_method_of(r), []).append(r)
+    base = [(_num(r.metrics.get(panel.base_key)) if panel.base_key else 1.0,
+             _num(r.metrics.get(f"baseline_{panel.ykey}")) if panel.ykey == "top1" else 1.0)
+            for r in pts]
+    base = [(x, 100 * y) for x, y in base if x is not None and y is not None]
+    star = (sum(x for x, _ in base) / len(base), sum(y for _, y in base) / len(base)) if base else None
+    if star:
+        ax.scatter([star[0]], [star[1]], marker="*", s=300, facecolors="none", edgecolors="black",
+                   linewidths=1.2, zorder=2, label="uncompressed model (mean over runs)")
+        # below the star: the points' own labels sit above and to the right of them
+        ax.annotate("uncompressed", star, textcoords="offset points", xytext=(0, -17),
+                    ha="center", fontsize=7, zorder=4)
+    every = [(_num(r.metrics[panel.xkey]), 100 * _num(r.metrics[panel.ykey])) for r in pts]
+    every += [star] if star else []
+    span_x = (max(x for x, _ in every) - min(x for x, _ in every)) or 1.0
+    span_y = (max(y for _, y in every) - min(y for _, y in every)) or 1.0
+
+    def near(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return abs(a[0] - b[0]) < 0.04 * span_x and abs(a[1] - b[1]) < 0.04 * span_y
+
     placed: list[tuple[float, float]] = []
     drawn: dict[tuple, str] = {}  # rounded points -> the method that drew them first
     for i, (method, rs) in enumerate(sorted(by_method.items())):
@@ -251,23 +270,15 @@ def draw_tradeoff(ax, runs: list[RunRecord], panel: TradeoffPanel) -> None:
                 **style)
         for r, x, y in zip(rs, xs, ys):
             level = _level_of(r)
-            if level:
-                placed.append((x, y))
-                # alternate above/below where an earlier label sits at the same place
-                below = sum(1 for px, py in placed[:-1] if px == x and py == y) % 2
-                ax.annotate(level, (x, y), textcoords="offset points",
-                            xytext=(5, -11 if below else 5), fontsize=7, zorder=4)
-    base = [(_num(r.metrics.get(panel.base_key)) if panel.base_key else 1.0,
-             _num(r.metrics.get(f"baseline_{panel.ykey}")) if panel.ykey == "top1" else 1.0)
-            for r in pts]
-    base = [(x, y) for x, y in base if x is not None and y is not None]
-    if base:
-        bx = sum(x for x, _ in base) / len(base)
-        by = 100 * sum(y for _, y in base) / len(base)
-        ax.scatter([bx], [by], marker="*", s=300, facecolors="none", edgecolors="black",
-                   linewidths=1.2, zorder=2, label="uncompressed model (mean over runs)")
-        ax.annotate("uncompressed", (bx, by), textcoords="offset points", xytext=(-8, 9),
-                    ha="right", fontsize=7, zorder=4)
+            if not level:
+                continue
+            # labels near an earlier label alternate above and below; near the star, higher
+            crowd = sum(1 for p in placed if near(p, (x, y)))
+            placed.append((x, y))
+            lift = 13 if star and near(star, (x, y)) else 5
+            ax.annotate(level, (x, y), textcoords="offset points",
+                        xytext=(5, -12 if crowd % 2 else lift), fontsize=7, zorder=4)
+    ax.margins(x=0.08, y=0.1)  # room for the labels at the edges
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)
     ax.set_title(f"compress-vit: {panel.ylabel.split(' (')[0]} against {panel.what}\n"

@@ -460,10 +460,11 @@ def _summary_table(command: str, runs) -> list[str]:
         columns = [c for c in df.columns if c not in ("run", "folder")
                    and df[c].map(lambda v: isinstance(v, (int, float)) and not
                                  isinstance(v, bool)).all()][:6]
-    if columns:
-        key = rt.numeric(df[columns[0]])
-        df = df.assign(_key=key if rt.lower_is_better(columns[0]) else -key)
-        df = df.sort_values("_key", na_position="last", kind="stable")
+    # best first by the first column, ties by the next ones (as `runs compare`)
+    keys = {f"_key{i}": (rt.numeric(df[c]) if rt.lower_is_better(c) else -rt.numeric(df[c]))
+            for i, c in enumerate(columns) if c != "speedup_iqr"}
+    if keys:
+        df = df.assign(**keys).sort_values(list(keys), na_position="last", kind="stable")
     table = pd.DataFrame({"run": df["run"]})
     for c in columns:
         table[_md_header(c)] = df[c].map(lambda v, c=c: fmt(v, c))
