@@ -117,8 +117,7 @@ def _print_listing(root: Path, rows: list[dict[str, Any]], hidden: str) -> None:
     for row in rows:
         groups.setdefault(Path(row["path"]).parent, []).append(row)
     names = {id(r): Path(r["path"]).name for r in rows}
-    width = {"run": max(len(n) for n in names.values()),
-             "status": max(len(r["status"] or "?") for r in rows),
+    width = {"status": max(len(r["status"] or "?") for r in rows),
              "n": max(len(str(r["n"])) for r in rows)}
     console.print(f"[bold]{len(rows)} run(s) under {root}[/], newest first"
                   + (f"; {hidden}" if hidden else ""))
@@ -134,7 +133,9 @@ def _print_listing(root: Path, rows: list[dict[str, Any]], hidden: str) -> None:
                                                      int(Path(r["path"]).name)
                                                      if Path(r["path"]).name.isdigit() else 0))
         table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
-        table.add_column("run", no_wrap=True, min_width=width["run"] + 2)
+        # the names' width per folder: a sweep's points (0, 1, ...) leave the metrics more room
+        table.add_column("run", no_wrap=True,
+                         min_width=max(len(names[id(r)]) for r in members) + 2)
         table.add_column("status", no_wrap=True, min_width=width["status"])
         table.add_column("n", no_wrap=True, justify="right", min_width=width["n"] + 2)
         table.add_column("headline", ratio=1)
