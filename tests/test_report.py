@@ -60,6 +60,12 @@ def decode_sweep(tmp_path):
     return sweep
 
 
+def md_rows(md: str) -> list[list[str]]:
+    """The cells of every markdown table row, header included, separator rows left out."""
+    return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in md.splitlines()
+            if ln.startswith("|") and not set(ln) <= set("|-: ")]
+
+
 def png_size(path: Path) -> tuple[int, int]:
     with Image.open(path) as im:
         assert im.format == "PNG"
@@ -113,6 +119,114 @@ def test_listing_commands_speak_json(decode_sweep):
     assert shown["config"]["method"]["k"] == 4 and shown["metrics"]["speedup"] > 1
 
 
+@pytest.fixture
+def narrow(monkeypatch):
+    """An 80-column terminal."""
+    from tokctl.console import console
+
+    monkeypatch.setattr(console, "_width", 80)
+
+
+def test_compare_fits_80_columns_metrics_first(decode_sweep, narrow):
+    make_run(decode_sweep / "4", "decode", {"name": "x", "method": {"name": "lookup"},
+                                            "baseline": "ar", "max_new_tokens": 64}, None,
+             status="failed")
+    code, out = tokctl("runs", "compare", decode_sweep)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert max(len(ln.rstrip()) for ln in lines) <= 80
+    header = next(ln for ln in lines if "speedup" in ln and "settings" in ln)
+    # the headline metrics come before the settings, which come before the folder
+    cols = header.split()
+    assert cols == ["#", "speedup", "tok/step", "identical", "n", "settings", "run", "status"]
+    body = lines[lines.index(header) + 2:]
+    body = body[:next(i for i, ln in enumerate(body) if ln.startswith("speedup:"))]  # the caption
+    rows = [ln.split() for ln in body if ln.strip()]
+    assert [r[0] for r in rows] == ["1", "2", "3", "-"]  # the interrupted run: ranked apart
+    assert rows[0][1:5] == ["1.80x", "2.90", "100%", "8"] and "k=8" in " ".join(rows[0])
+    assert "interrupted" in rows[-1] and "failed" not in out.replace("1 failed run hidden", "")
+    assert "1 failed run hidden (--all shows them)" in out
+
+    code, out = tokctl("runs", "compare", decode_sweep, "--all", "--json")
+    rows = json.loads(out)
+    assert [r["status"] for r in rows] == ["completed"] * 3 + ["interrupted", "failed"]
+    assert [r["rank"] for r in rows] == [1, 2, 3, None, None]
+
+
+def test_compare_writes_csv_for_scripts(decode_sweep):
+    import io
+
+    import pandas as pd
+
+    code, out = tokctl("runs", "compare", decode_sweep, "--csv")
+    assert code == 0, out
+    df = pd.read_csv(io.StringIO(out))
+    assert list(df.columns[:5]) == ["rank", "path", "status", "n", "label"]
+    assert df["speedup"].iloc[0] == pytest.approx(1.8) and "per_category.math.speedup" in df
+    assert list(df["label"]) == ["recycling, k=8", "recycling, k=4", "ar", "lade"]
+
+
+def test_ls_groups_by_folder_and_never_wraps_paths_or_cuts_metrics(decode_sweep, narrow):
+    root = decode_sweep.parent.parent.parent
+    make_run(decode_sweep / "4", "decode", {"method": {"name": "lookup"}}, None, status="failed")
+    code, out = tokctl("runs", "ls", root)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert max(len(ln.rstrip()) for ln in lines) <= 80
+    assert "decode/2026-01-01/10-00-00_sweep/" in out  # the folder once, whole, on one line
+    assert "1 failed run hidden" in out
+    points = [ln.split() for ln in lines if ln.startswith("  ")]
+    assert [p[:2] for p in points] == [["0", "completed"], ["1", "completed"],
+                                       ["2", "completed"], ["3", "interrupted"]]  # grid order
+    assert points[1][2:] == ["n=8", "speedup=1.70x", "tok/step=2.60", "identical=100%"]
+    code, out = tokctl("runs", "ls", root, "--all")
+    assert ["4", "failed"] in [ln.split()[:2] for ln in out.splitlines()] and "hidden" not in out
+
+
+def test_show_keeps_long_keys_whole(decode_sweep, narrow):
+    code, out = tokctl("runs", "show", decode_sweep / "1")
+    assert code == 0, out
+    assert "per_category.chat.mean_accepted_tokens" in out
+    assert out.index("speedup") < out.index("config")  # metrics first
+    path, *rest = out.splitlines()
+    assert path == str(decode_sweep / "1")  # whole on its line, to copy; the rest fits
+    assert max(len(ln.rstrip()) for ln in rest) <= 80
+
+
+def eval_metrics(shift: float) -> dict:
+    entries = []
+    for tokens in (8, 16, 32, 64):
+        entries.append({"codec": "onedpiece", "kind": "tokenizer", "tokens": tokens,
+                        "bytes_target": 12 + tokens, "bytes_per_image": 12.0 + tokens,
+                        "ssim": 0.3 + tokens / 200 + shift, "psnr": 18 + tokens / 10,
+                        "ms_ssim": 0.5, "rfid": 200 - tokens})
+        entries.append({"codec": "jpeg", "kind": "classical", "bytes_target": 12 + tokens,
+                        "bytes_per_image": 300.0, "ssim": 0.45, "psnr": 20.0, "ms_ssim": 0.6,
+                        "rfid": 150.0, "over_budget": 10})
+    return {"images": 4, "image_size": 64, "tokenizers": [{"label": "onedpiece"}],
+            "entries": entries, "curves": {}}
+
+
+def test_compare_eval_runs_by_image_quality(tmp_path, narrow):
+    for name, shift in (("a", 0.0), ("b", 0.1)):
+        make_run(tmp_path / name, "tokenize-image eval",
+                 {"tokenizer_path": f"/x/{name}.pt", "data": {"limit": 4}}, eval_metrics(shift))
+    code, out = tokctl("runs", "compare", tmp_path)
+    assert code == 0, out
+    assert "ranked by SSIM (highest first)" in " ".join(out.split())
+    header = next(ln for ln in out.splitlines() if "SSIM" in ln and "settings" in ln)
+    assert header.split()[:7] == ["#", "SSIM", "PSNR", "dB", "rFID", "bytes", "tokens"]
+    code, out = tokctl("runs", "compare", tmp_path, "--json")
+    rows = json.loads(out)
+    assert [r["label"] for r in rows] == ["tokenizer_path=x/b.pt", "tokenizer_path=x/a.pt"]
+    assert rows[0]["metrics"] == {"ssim": pytest.approx(0.72), "psnr": pytest.approx(24.4),
+                                  "rfid": 136, "bytes_per_image": 76.0, "tokens": 64}
+    code, out = tokctl("runs", "compare", tmp_path, "-k", "onedpiece@8.ssim", "-k",
+                       "jpeg@20.ssim", "--json")
+    assert json.loads(out)[0]["metrics"] == {"onedpiece@8.ssim": pytest.approx(0.44),
+                                             "jpeg@20.ssim": 0.45}
+
+
 # ------------------------------------------------------------------------------------ report
 def test_decode_report_plots_speedup_per_category_per_method(decode_sweep, tmp_path):
     out = tmp_path / "report"
@@ -126,10 +240,8 @@ def test_decode_report_plots_speedup_per_category_per_method(decode_sweep, tmp_p
         assert w > 500 and h > 300
     md = (out / "report.md").read_text()
     assert "![Speedup per category per method](decode_speedup.png)" in md
-    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
     # ranked by speedup; each run named by what sets it apart
-    assert [ln.split(" | ")[0] for ln in table[1:]] == ["| recycling, k=8", "| recycling, k=4",
-                                                        "| ar"]
+    assert [row[0] for row in md_rows(md)[1:]] == ["recycling, k=8", "recycling, k=4", "ar"]
     assert "Not plotted (not completed)" in md and "(interrupted)" in md
 
 
@@ -153,7 +265,13 @@ def test_compress_vit_report_plots_accuracy_against_throughput_and_flops(tmp_pat
     for name in names:
         png_size(tmp_path / "rep" / name)
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| top1 | baseline_top1 | agreement | speedup |" in md
+    # the sentence beside each plot says where better lies in that plot's own axes
+    assert "better trade-offs lie up and to the right" in md
+    assert "better trade-offs lie up and to the left" in md
+    header, *rows = md_rows(md)
+    assert header[:5] == ["run", "top-1", "baseline top-1", "agree", "speedup"]
+    # named as the README says: the method, then what sets the run apart
+    assert [row[0] for row in rows][:3] == ["tome, r=0", "tome, r=4", "evit, r=4"]
 
 
 def test_tokenize_image_report_plots_rate_distortion(tmp_path):
@@ -179,7 +297,10 @@ def test_tokenize_image_report_plots_rate_distortion(tmp_path):
     w, h = png_size(tmp_path / "rep" / "tokenize_image_rate_distortion.png")
     assert w > 3 * h / 2  # three panels side by side: SSIM, PSNR, rFID
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| eval | onedpiece | 8 |" in md and "| eval | webp | - |" in md
+    rows = md_rows(md)
+    assert rows[0][:4] == ["run", "codec", "tokens", "target"]
+    assert ["eval", "onedpiece", "8"] in [row[:3] for row in rows]
+    assert ["eval", "webp", "-", "20"] in [row[:4] for row in rows]
 
 
 def test_one_report_covers_several_commands_and_says_what_it_cannot_plot(decode_sweep, tmp_path):
@@ -235,6 +356,5 @@ def test_methods_measured_together_in_one_run_each_get_their_bars(tmp_path):
              metrics)
     code, out = tokctl("report", tmp_path / "run", "--out", tmp_path / "rep")
     assert code == 0, out
-    rows = [ln.split(" | ")[0] for ln in (tmp_path / "rep" / "report.md").read_text().splitlines()
-            if ln.startswith("| ") and not ln.startswith("| run")]
-    assert rows == ["| hybrid", "| lookup", "| recycling"]  # ranked by overall speedup
+    rows = md_rows((tmp_path / "rep" / "report.md").read_text())
+    assert [row[0] for row in rows[1:]] == ["hybrid", "lookup", "recycling"]  # by overall speedup

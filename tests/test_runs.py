@@ -198,3 +198,30 @@ def test_a_job_that_exits_is_a_failed_run(tmp_path, monkeypatch):
         execute(Job("x", "decode", "decode", "unused", "test"), cfg, tmp_path / "r")
     assert (tmp_path / "r" / "status").read_text() == "failed\n"
     assert "SystemExit" in (tmp_path / "r" / "error.txt").read_text()
+
+
+def mistaken_job(cfg, run):
+    raise UserError("budgets [999]: this tokenizer makes 1 to 64 tokens")
+
+
+def late_mistake_job(cfg, run):
+    run.append_sample({"index": 0})
+    raise UserError("the second prompt file is empty")
+
+
+def test_a_mistake_caught_before_any_work_leaves_no_failed_folder(tmp_path, monkeypatch):
+    import tokctl.jobs
+    from tokctl.jobs import JOBS, run_single
+
+    root = tmp_path / "runs"
+    monkeypatch.setattr(tokctl.jobs, "load_target", lambda job: mistaken_job)
+    with pytest.raises(UserError, match=r"999.*no run folder kept"):
+        run_single(JOBS["decode"], [f"runs_dir={root}", "threads=1"])
+    assert find_runs(root) == []
+    # once a sample is written the folder holds work: it stays, marked failed, with the reason
+    monkeypatch.setattr(tokctl.jobs, "load_target", lambda job: late_mistake_job)
+    with pytest.raises(UserError, match="empty"):
+        run_single(JOBS["decode"], [f"runs_dir={root}", "threads=1"])
+    [kept] = find_runs(root)
+    assert (kept / "status").read_text() == "failed\n" and read_samples(kept) == [{"index": 0}]
+    assert "empty" in (kept / "error.txt").read_text()

@@ -179,12 +179,16 @@ def runs_ls(root: Path = typer.Argument(Path("runs"), help="Folder to search for
             command: Optional[str] = typer.Option(None, "--command", "-c",
                                                   help="Only runs of this command."),
             limit: int = typer.Option(30, "--limit", "-n", help="Newest N runs."),
-            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List runs, newest first."""
+            show_all: bool = typer.Option(False, "--all", "-a", help="Include failed runs."),
+            as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+            as_csv: bool = typer.Option(False, "--csv", help="CSV, one row per run.")) -> None:
+    """List runs, newest first, grouped by their folder, with each command's headline metrics.
+    Failed runs are hidden unless --all."""
     from tokctl import report
 
     try:
-        report.runs_ls(root, command=command, limit=limit, as_json=as_json)
+        report.runs_ls(root, command=command, limit=limit, as_json=as_json, show_all=show_all,
+                       as_csv=as_csv)
     except UserError as exc:
         _fail(str(exc))
 
@@ -210,12 +214,18 @@ def runs_compare(runs: List[Path] = typer.Argument(..., help="Run folders, sweep
                  ascending: Optional[bool] = typer.Option(
                      None, "--ascending/--descending",
                      help="Rank lowest/highest first (default: by metric, e.g. gflops lowest)."),
-                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Runs of one command ranked in a table: the config keys that differ, and their metrics."""
+                 show_all: bool = typer.Option(False, "--all", "-a",
+                                               help="Include failed runs (ranked apart)."),
+                 as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+                 as_csv: bool = typer.Option(False, "--csv", help="CSV: every differing setting "
+                                                                  "and scalar metric.")) -> None:
+    """Runs of one command ranked by their headline metrics (the first ranks), each named by the
+    settings that set it apart. Incomplete runs are ranked apart; failed ones hidden unless --all."""
     from tokctl import report
 
     try:
-        report.runs_compare(runs, metrics=metric, as_json=as_json, ascending=ascending)
+        report.runs_compare(runs, metrics=metric, as_json=as_json, ascending=ascending,
+                            show_all=show_all, as_csv=as_csv)
     except UserError as exc:
         _fail(str(exc))
 

@@ -206,4 +206,13 @@ def run_single(job: Job, overrides: list[str]) -> tuple[str, Path]:
         path = default_run_dir(job, cfg)
     else:
         path = Path(run_dir)
-    return execute(job, cfg, path)
+    try:
+        return execute(job, cfg, path)
+    except UserError as exc:
+        from tokctl.runs import discard_if_untouched
+
+        # A mistake caught before any work: the error line says it all; no folder to clutter
+        # `runs ls`. (Sweep points keep theirs: the sweep's record accounts for every point.)
+        if run_dir is None and discard_if_untouched(path):
+            raise UserError(f"{exc} (nothing had run; no run folder kept)") from None
+        raise

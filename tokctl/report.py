@@ -1,78 +1,46 @@
 """Reading run folders back: `tokctl runs ls | show | compare` and `tokctl report`.
 
 Only the files of the run folders are read (config.yaml, env.json, status, metrics.json,
-samples.jsonl), so a report can be made anywhere the folders are copied to.
+samples.jsonl), so a report can be made anywhere the folders are copied to. The runs become one
+pandas table (:mod:`tokctl.runtable`); this module decides what of it to print, for an 80-column
+terminal first: headline metrics before settings, settings as one wrapped label rather than a
+column per config key, incomplete runs ranked apart, failed runs hidden unless ``--all``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
+import pandas as pd
+from rich import box
 from rich.table import Table
 
+from tokctl import runtable as rt
 from tokctl.console import console
 from tokctl.errors import UserError
-from tokctl.runs import (atomic_write_text, find_runs, is_run_dir, read_json, read_samples,
-                         read_status)
+from tokctl.runs import atomic_write_text, find_runs, is_run_dir, read_json, read_status
+from tokctl.runtable import command_of, fmt, load_config  # noqa: F401 - re-exported
 
-# Metrics shown first when present; any other scalar metric follows.
-HEADLINE = ("speedup", "tokens_per_s", "baseline_tokens_per_s", "mean_accepted_tokens",
-            "identical_to_baseline", "top1", "agreement", "images_per_s", "gflops", "ssim", "psnr")
-# Ranking puts the largest first, except for these.
-LOWER_IS_BETTER = ("gflops", "flops_ratio", "time_s", "baseline_time_s", "kl", "rfid", "loss",
-                   "val_loss", "bytes_per_image", "failed_samples", "num_skipped")
-# Config keys that differ between runs without making them different experiments.
-NOT_A_SETTING = ("name", "runs_dir")
+# The headline keys of every command together (sweep.json's per-point metrics).
+HEADLINE = tuple(dict.fromkeys(k for keys in rt.HEADLINE.values() for k in keys))
 # The columns of a command's table in the report's summary.
 REPORT_COLUMNS = {
-    "decode": ("speedup", "speedup_median", "tokens_per_s", "baseline_tokens_per_s",
-               "mean_accepted_tokens", "identical_to_baseline", "num_samples"),
-    "compress-vit": ("top1", "baseline_top1", "agreement", "speedup", "images_per_s", "gflops",
-                     "flops_ratio"),
+    "decode": ("speedup", "speedup_iqr", "mean_accepted_tokens", "identical_to_baseline",
+               "tokens_per_s", "baseline_tokens_per_s", "num_samples"),
+    "compress-vit": ("top1", "baseline_top1", "agreement", "speedup", "speedup_iqr", "gflops",
+                     "flops_ratio", "images_per_s"),
 }
 
 
-def load_config(run: Path) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    path = run / "config.yaml"
-    if not path.is_file():
+def flatten(d: Any) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    if not isinstance(d, dict) or not d:
         return {}
-    try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception as exc:  # noqa: BLE001 - a damaged config must not hide the rest: say so
-        from rich.markup import escape
-
-        from tokctl.console import err_console
-        from tokctl.errors import one_line_error
-
-        err_console.print(f"[yellow]warning[/]: {escape(str(path))} is damaged, its settings are "
-                          f"left out ({escape(one_line_error(exc))})", soft_wrap=True)
-        return {}
-
-
-def command_of(run: Path) -> str:
-    env = read_json(run / "env.json") or {}
-    if env.get("command"):
-        return env["command"]
-    from tokctl.jobs import JOBS
-
-    folders = {job.run_folder_name: job.command for job in JOBS.values()}
-    return next((folders[p] for p in reversed(run.parts) if p in folders), run.parent.parent.name)
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    else:
-        out[prefix[:-1]] = d
-    return out
+    return pd.json_normalize(d, sep=".").iloc[0].to_dict()
 
 
 def scalar_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -81,48 +49,14 @@ def scalar_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        if v == 0:
-            return "0"
-        if abs(v) >= 1000 or abs(v) < 0.01:
-            return f"{v:.3g}"
-        return f"{v:.3f}".rstrip("0").rstrip(".")
-    if isinstance(v, (list, dict)):
-        return json.dumps(v)
-    return str(v)
-
-
-def _runs_from(paths: Iterable[Path]) -> list[Path]:
-    runs: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if not p.exists():
-            raise UserError(f"no such run folder: {p}")
-        found = find_runs(p)
-        if not found:
-            raise UserError(f"{p} holds no run folder (no status and config.yaml inside)")
-        runs.extend(r for r in found if r not in runs)
-    return runs
-
-
-def run_summary(run: Path) -> dict[str, Any]:
-    metrics = read_json(run / "metrics.json") or {}
-    return {
-        "path": str(run),
-        "command": command_of(run),
-        "status": read_status(run),
-        "samples": len(read_samples(run)),
-        "metrics": scalar_metrics(metrics),
-    }
-
-
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as plain Python values (NaN -> None) for --json."""
+    return [{k: (None if rt._missing(v) else v) for k, v in row.items()}
+            for row in df.astype(object).to_dict("records")]
 
 
 def status_markup(status: str | None) -> str:
@@ -131,26 +65,87 @@ def status_markup(status: str | None) -> str:
     return f"[{colour}]{status or '?'}[/]"
 
 
-# ---------------------------------------------------------------------------- runs ls / show
-def runs_ls(root: Path, command: str | None = None, limit: int = 30, as_json: bool = False) -> None:
-    if not Path(root).exists():
+def _hidden_note(failed: int) -> str:
+    return (f"{failed} failed run{'s' if failed != 1 else ''} hidden (--all shows them)"
+            if failed else "")
+
+
+# ---------------------------------------------------------------------------------- runs ls
+def headline_text(command: str, metrics: dict[str, Any]) -> str:
+    """``speedup=1.31x tok/step=1.92 identical=100%``: one word per metric, so a narrow
+    terminal wraps between metrics, never inside one."""
+    keys = [k for k in rt.HEADLINE.get(command, ()) if metrics.get(k) is not None]
+    if not keys:
+        keys = [k for k, v in scalar_metrics(metrics).items() if isinstance(v, (int, float))
+                and not isinstance(v, bool)][:3]
+    return " ".join(f"{rt.header(k).replace(' ', '_')}={fmt(metrics[k], k)}" for k in keys)
+
+
+def runs_ls(root: Path, command: str | None = None, limit: int = 30, as_json: bool = False,
+            show_all: bool = False, as_csv: bool = False) -> None:
+    root = Path(root)
+    if not root.exists():
         raise UserError(f"no runs folder at {root}; run a job first or pass the folder to search")
-    runs = [r for r in find_runs(root) if command is None or command_of(r) == command][:limit]
-    rows = [run_summary(r) for r in runs]
+    command = rt.ALIASES.get(command, command) if command else None
+    runs = [r for r in find_runs(root) if command is None or command_of(r) == command]
+    failed = [r for r in runs if read_status(r) == "failed"]
+    if not show_all:
+        runs = [r for r in runs if r not in failed]
+    runs = runs[:limit]
+    rows = [rt.record(r) for r in runs]
+    for row in rows:
+        row["metrics"] = scalar_metrics(row["metrics"])
+        row.pop("config")
     if as_json:
         _print_json(rows)
         return
-    table = Table(title=f"runs under {root}", show_lines=False)
-    for col in ("run", "command", "status", "samples", "headline"):
-        table.add_column(col, overflow="fold")
+    if as_csv:
+        df = pd.json_normalize(rows, sep=".") if rows else pd.DataFrame()
+        print(df.to_csv(index=False), end="")
+        return
+    hidden = "" if show_all else _hidden_note(len(failed))
+    if not rows:
+        console.print(f"no runs under {root}" + (f"; {hidden}" if hidden else ""))
+        return
+    _print_listing(root, rows, hidden)
+
+
+def _print_listing(root: Path, rows: list[dict[str, Any]], hidden: str) -> None:
+    """Runs grouped by the folder holding them (a sweep, a day), one line each; paths never
+    wrap: a group's folder is printed once, above its runs, relative to ``root``."""
+    groups: dict[Path, list[dict[str, Any]]] = {}
     for row in rows:
-        m = row["metrics"]
-        head = ", ".join(f"{k}={fmt(m[k])}" for k in HEADLINE if k in m)[:80]
-        table.add_row(row["path"], row["command"], status_markup(row["status"]),
-                      str(row["samples"]), head)
-    console.print(table)
+        groups.setdefault(Path(row["path"]).parent, []).append(row)
+    names = {id(r): Path(r["path"]).name for r in rows}
+    width = {"status": max(len(r["status"] or "?") for r in rows),
+             "n": max(len(str(r["n"])) for r in rows)}
+    console.print(f"[bold]{len(rows)} run(s) under {root}[/], newest first"
+                  + (f"; {hidden}" if hidden else ""))
+    for parent, members in groups.items():
+        try:
+            where = parent.relative_to(root)
+        except ValueError:
+            where = parent
+        kind = f"  [dim]sweep, {len(members)} shown[/]" if (parent / "sweep.json").is_file() else ""
+        console.print(f"[bold cyan]{where}/[/]{kind}", soft_wrap=True)
+        if all(Path(r["path"]).name.isdigit() for r in members):  # sweep points: grid order
+            members = sorted(members, key=lambda r: (not Path(r["path"]).name.isdigit(),
+                                                     int(Path(r["path"]).name)
+                                                     if Path(r["path"]).name.isdigit() else 0))
+        table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
+        # the names' width per folder: a sweep's points (0, 1, ...) leave the metrics more room
+        table.add_column("run", no_wrap=True,
+                         min_width=max(len(names[id(r)]) for r in members) + 2)
+        table.add_column("status", no_wrap=True, min_width=width["status"])
+        table.add_column("n", no_wrap=True, justify="right", min_width=width["n"] + 2)
+        table.add_column("headline", ratio=1)
+        for r in members:
+            table.add_row("  " + names[id(r)], status_markup(r["status"]), f"n={r['n']}",
+                          headline_text(r["command"], r["metrics"]))
+        console.print(table)
 
 
+# --------------------------------------------------------------------------------- runs show
 def runs_show(run: Path, as_json: bool = False) -> None:
     run = Path(run)
     if not is_run_dir(run):
@@ -158,190 +153,231 @@ def runs_show(run: Path, as_json: bool = False) -> None:
     metrics = read_json(run / "metrics.json") or {}
     env = read_json(run / "env.json") or {}
     error = (run / "error.txt").read_text() if (run / "error.txt").exists() else None
+    row = rt.record(run)
     if as_json:
-        _print_json({**run_summary(run), "metrics": metrics, "env": env,
-                     "config": load_config(run), "error": error})
+        _print_json({**row, "metrics": metrics, "env": env, "error": error})
         return
-    console.print(f"[bold]{run}[/]  {status_markup(read_status(run))}  "
-                  f"{len(read_samples(run))} samples")
-    cfg = flatten(load_config(run))
-    table = Table(title="config", show_header=False)
-    table.add_column("key", style="cyan")
-    table.add_column("value", overflow="fold")
-    for k, v in cfg.items():
-        table.add_row(k, fmt(v))
-    console.print(table)
-    table = Table(title="metrics", show_header=False)
-    table.add_column("metric", style="cyan")
-    table.add_column("value", overflow="fold")
-    for k, v in flatten(metrics).items():
-        table.add_row(k, fmt(v))
-    console.print(table)
-    keys = ("torch_threads", "packages", "git_commit", "cpus_available", "device", "dtype")
-    console.print("env: " + ", ".join(f"{k}={env[k]}" for k in keys if k in env), soft_wrap=True)
+    command = row["command"]
+    console.print(f"[bold]{run}[/]", soft_wrap=True)
+    console.print(f"{command}  {status_markup(row['status'])}  n={row['n']}  "
+                  f"({row['samples']} lines in samples.jsonl)")
     if error:
-        console.print(f"[red]error:[/] {error.strip().splitlines()[-1]}")
+        console.print(f"[red]error:[/] {error.strip().splitlines()[-1]}", soft_wrap=True)
+    head = [k for k in rt.HEADLINE.get(command, ()) if row["metrics"].get(k) is not None]
+    if head:
+        console.print("headline: " + headline_text(command, row["metrics"]), soft_wrap=True)
+    flat = flatten({k: v for k, v in metrics.items() if k not in ("entries", "curves")})
+    flat = {**{k: flat[k] for k in head if k in flat}, **flat}  # the headline first
+    console.print(_key_values("metrics", flat))
+    if isinstance(metrics.get("entries"), list) and metrics["entries"]:
+        console.print(_entries_rich(metrics["entries"], metrics.get("curves") or {}))
+    console.print(_key_values("config", flatten(load_config(run))))
+    keys = ("time", "host", "torch_threads", "threads_reason", "cpus_available", "device",
+            "dtype", "git_commit", "packages")
+    console.print(_key_values("env", flatten({k: env[k] for k in keys if k in env})))
+
+
+def _key_values(title: str, flat: dict[str, Any]) -> Table:
+    """Two columns: keys whole (never cut; they are short enough), values folded."""
+    table = Table(title=title, show_header=False, box=box.SIMPLE, title_justify="left",
+                  pad_edge=False)
+    table.add_column("key", style="cyan", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for k, v in flat.items():
+        table.add_row(k, fmt(v, k.split(".")[-1]))
+    return table
+
+
+def _entries_rich(entries: list[dict[str, Any]], curves: dict[str, Any]) -> Table:
+    """tokenize-image eval's entries: one row per codec and budget, rate-distortion order."""
+    df = _entries_frame(entries)
+    table = Table(title="rate-distortion (means over images)", box=box.SIMPLE,
+                  title_justify="left", pad_edge=False)
+    for col in df.columns:
+        table.add_column(col, justify="left" if col == "codec" else "right", no_wrap=True)
+    for row in df.itertuples(index=False):
+        table.add_row(*row)
+    for codec, pts in curves.items():
+        if pts:
+            table.caption = (table.caption or "") + (
+                f"{codec}: {len(pts)} qualities swept, "
+                f"{min(p['bytes_per_image'] for p in pts):.0f}-"
+                f"{max(p['bytes_per_image'] for p in pts):.0f} bytes. ")
+    return table
+
+
+def _entries_frame(entries: list[dict[str, Any]], label: str | None = None) -> pd.DataFrame:
+    """Entries as printable strings, sorted by byte budget then codec."""
+    df = pd.DataFrame(entries)
+    for col in ("tokens", "bytes_target", "over_budget", "ms_ssim", "rfid"):
+        if col not in df.columns:
+            df[col] = None
+    df = df.sort_values(["bytes_target", "codec"], kind="stable", na_position="last")
+    out = pd.DataFrame({
+        "codec": df["codec"],
+        "tokens": df["tokens"].map(lambda v: fmt(v, "tokens")),
+        "target": df["bytes_target"].map(lambda v: fmt(v, "tokens")),
+        "bytes": [fmt(b, "bytes_per_image") + (f" ({int(o)} over)" if not rt._missing(o) and o
+                                               else "")
+                  for b, o in zip(df["bytes_per_image"], df["over_budget"])],
+        "SSIM": df["ssim"].map(lambda v: fmt(v, "ssim")),
+        "PSNR dB": df["psnr"].map(lambda v: fmt(v, "psnr")),
+        "MS-SSIM": df["ms_ssim"].map(lambda v: fmt(v, "ms_ssim")),
+        "rFID": df["rfid"].map(lambda v: fmt(v, "rfid")),
+    })
+    if label is not None:
+        out.insert(0, "run", label)
+    return out.reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------ runs compare
-def varying_keys(configs: list[dict[str, Any]]) -> list[str]:
-    keys: list[str] = []
-    for cfg in configs:
-        for k in cfg:
-            if k not in keys:
-                keys.append(k)
-    return [k for k in keys if k not in NOT_A_SETTING and not k.endswith("_target_")
-            and len({json.dumps(c.get(k), default=str, sort_keys=True) for c in configs}) > 1]
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return float(v)
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def rank(rows: list[tuple[dict, dict, dict]], metric: str, ascending: bool | None = None):
-    """Rows (summary, config, flat metrics) best first by ``metric``; runs without it last."""
-    if ascending is None:
-        ascending = metric.split(".")[-1] in LOWER_IS_BETTER
-    sign = 1.0 if ascending else -1.0
-    return sorted(rows, key=lambda row: (_num(row[2].get(metric)) is None,
-                                         sign * (_num(row[2].get(metric)) or 0.0)))
-
-
 def runs_compare(paths: list[Path], metrics: list[str] | None = None, as_json: bool = False,
-                 ascending: bool | None = None) -> None:
-    runs = sorted(_runs_from(paths), key=_path_order)  # ties keep the grid's order
-    summaries = [run_summary(r) for r in runs]
-    commands = {s["command"] for s in summaries}
+                 ascending: bool | None = None, show_all: bool = False,
+                 as_csv: bool = False) -> None:
+    df = rt.frame(rt.runs_in(paths))
+    commands = sorted(set(df["command"]))
     if len(commands) > 1:
-        raise UserError(f"these runs come from different commands ({', '.join(sorted(commands))}); "
+        raise UserError(f"these runs come from different commands ({', '.join(commands)}); "
                         f"compare runs of one command at a time")
-    configs = [flatten(load_config(r)) for r in runs]
-    flat_metrics = [flatten(read_json(r / "metrics.json") or {}) for r in runs]
-    varying = Settings.of(configs).columns()
+    command = commands[0]
+    failed = int((df["group"] == rt.FAILED).sum())
+    if not show_all:
+        df = df[df["group"] != rt.FAILED]
+    if df.empty:
+        raise UserError(f"every run there failed; {_hidden_note(failed)}")
     if metrics:
         shown = list(metrics)
-        missing = [m for m in shown if not any(m in fm for fm in flat_metrics)]
+        missing = [m for m in shown if not rt.present(df, "metrics", m)]
         if missing:
             raise UserError(f"no run has metric(s) {', '.join(missing)}; "
                             f"see `tokctl runs show RUN` for the metrics a run has")
     else:
-        present = {k for s in summaries for k in s["metrics"]}
-        shown = ([k for k in HEADLINE if k in present] or sorted(present))[:4]
-    rows = list(zip(summaries, configs, flat_metrics))
+        shown = rt.headline_metrics(df, command)
     by = shown[0] if shown else None
-    if by:
-        rows = rank(rows, by, ascending)
+    if ascending is None and by:
+        ascending = rt.lower_is_better(by)
+    df = rt.rank(df, by, ascending, then=shown[1:])
+    df = df.assign(label=rt.labels(df))
+    settings = rt.Settings.of(rt.configs(df)).columns()
     if as_json:
-        _print_json([{**s, "rank_by": by, "config": {k: c.get(k) for k in varying},
-                      "metrics": {m: fm.get(m) for m in shown}} for s, c, fm in rows])
+        _print_json([{"path": r["path"], "command": r["command"], "status": r["status"],
+                      "samples": r["samples"], "n": r["n"], "rank": r["rank"],
+                      "incomplete": r["group"] == rt.INCOMPLETE, "label": r["label"],
+                      "rank_by": by,
+                      "config": {k: r.get(f"config.{k}") for k in settings},
+                      "metrics": {m: r.get(f"metrics.{m}") for m in shown}}
+                     for r in _records(df)])
         return
-    order = "" if not by else (" (lowest first)" if (ascending if ascending is not None else
-                                                      by.split(".")[-1] in LOWER_IS_BETTER)
-                               else " (highest first)")
-    table = Table(title=f"{len(runs)} runs of {next(iter(commands))}"
-                        + (f", ranked by {by}{order}" if by else ""))
-    table.add_column("#", justify="right")
-    table.add_column("run", no_wrap=True, overflow="ellipsis")
-    table.add_column("status", no_wrap=True)
-    for k in varying:  # values are never cut: headers fold instead
-        table.add_column(k, style="cyan", overflow="fold",
-                         min_width=min(24, max(len(fmt(c.get(k))) for _, c, _ in rows)))
-    for m in shown:
-        table.add_column(m, justify="right", overflow="fold",
-                         min_width=max(len(fmt(fm.get(m))) for _, _, fm in rows))
-    for i, (s, c, fm) in enumerate(rows, 1):
-        table.add_row(str(i), _short_path(Path(s["path"])), status_markup(s["status"]),
-                      *[fmt(c.get(k)) for k in varying], *[fmt(fm.get(m)) for m in shown])
-    console.print(table)
+    if as_csv:
+        out = df[["rank", "path", "status", "n", "label"]].copy()
+        for k in settings:
+            out[k] = rt.column(df, "config", k)
+        for c in df.columns:  # every scalar metric, the shown ones first
+            if c.startswith("metrics.") and df[c].map(rt._is_scalar).all():
+                out[c[len("metrics."):]] = df[c]
+        out = out[list(out.columns[:5 + len(settings)]) + shown
+                  + [c for c in out.columns[5 + len(settings):] if c not in shown]]
+        print(out.to_csv(index=False), end="")
+        return
+    _print_compare(df, command, shown, by, ascending, failed if not show_all else 0)
 
 
-def _short_path(run: Path) -> str:
-    """The folder name, with its sweep's when it is a sweep point (``10-02-03_sweep/3``)."""
-    return f"{run.parent.name}/{run.name}" if run.name.isdigit() else run.name
+def _print_compare(df: pd.DataFrame, command: str, shown: list[str], by: str | None,
+                   ascending: bool | None, hidden_failed: int) -> None:
+    parent = rt.common_parent(list(df["path"]))
+    order = "" if not by else f", ranked by {rt.header(by)} " + (
+        "(lowest first)" if ascending else "(highest first)") + (
+        ", ties by the next columns" if len(shown) > 1 else "")
+    title = f"{len(df)} {command} runs in {parent}{order}"
+    rows = _records(df)
+    with_status = (df["group"] != rt.COMPLETE).any()
+    for r in rows:
+        r["#"] = str(r["rank"]) if r["rank"] is not None else "-"
+        try:
+            r["where"] = str(Path(r["path"]).absolute().relative_to(Path(parent).absolute()))
+        except ValueError:
+            r["where"] = rt.short_path(r["path"])
+        r["cells"] = [fmt(r.get(f"metrics.{m}"), m) for m in shown]
+    widths = [max(len(rt.header(m)), *(len(r["cells"][i]) for r in rows)) + 3
+              for i, m in enumerate(shown)]
+    # the settings column at least as wide as its longest word (``keep_rate=0.7``), so a
+    # setting folds only where it is longer than 28 characters
+    words = max((len(w) for r in rows for w in r["label"].split()), default=8)
+    settings_width = max(12, min(words, 28))
+    # The metrics need their room whole; a terminal too narrow for them and a usable settings
+    # column (too many -k) gets one block per run instead of a table.
+    console.print(f"[bold]{title}[/]")
+    if sum(widths) + 6 + 5 + settings_width + max(len(r["where"]) for r in rows) > console.width:
+        for r in rows:
+            status = "" if r["group"] == rt.COMPLETE else f"  {status_markup(r['status'])}"
+            console.print(f"[bold]#{r['#']} {r['label']}[/]  [dim](run {r['where']}, "
+                          f"n={r['n']})[/]{status}")
+            key_width = max(len(rt.header(m)) for m in shown)
+            for m, cell in zip(shown, r["cells"]):
+                console.print(f"    {rt.header(m):<{key_width}}  {cell}")
+    else:
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+        table.add_column("#", justify="right", no_wrap=True)
+        for m in shown:
+            table.add_column(rt.header(m), justify="right", no_wrap=True)
+        table.add_column("n", justify="right", no_wrap=True)
+        table.add_column("settings", ratio=1, min_width=settings_width, overflow="fold")
+        table.add_column("run", no_wrap=True)
+        if with_status:
+            table.add_column("status", no_wrap=True)
+        last_group = None
+        for r in rows:
+            if last_group is not None and r["group"] != last_group:
+                table.add_section()
+            last_group = r["group"]
+            cells = [r["#"], *r["cells"], str(r["n"]), r["label"], r["where"]]
+            if with_status:
+                cells.append(status_markup(r["status"]))
+            table.add_row(*cells, style=None if r["group"] == rt.COMPLETE else "dim")
+        console.print(table)
+    notes = [rt.METRICS[m].note for m in shown if m in rt.METRICS and rt.METRICS[m].note]
+    notes.append(f"n: {rt.SIZE_NAMES.get(command, 'samples')} per run")
+    if with_status:
+        apart = sorted(set(df.loc[df["group"] != rt.COMPLETE, "status"].fillna("no status")))
+        notes.append(f"-: not completed ({', '.join(apart)}), so partial metrics: ranked apart")
+    if hidden_failed:
+        notes.append(_hidden_note(hidden_failed))
+    if command == "tokenize-image eval":
+        notes.append("eval metrics: the first tokenizer at its full token count "
+                     "(-k CODEC@TOKENS.ssim for others)")
+    console.print("[dim]" + "\n".join(notes) + "[/]")
 
 
 # ------------------------------------------------------------------------------------ report
-def load_records(paths: list[Path]):
+def load_records(paths: list[Path], df: pd.DataFrame | None = None):
+    """The runs as :class:`~tokctl.plots.RunRecord` (config flat, metrics nested), grid order."""
     from tokctl.plots import RunRecord
 
-    records = [RunRecord(path=r, command=command_of(r), status=read_status(r),
-                         config=flatten(load_config(r)), metrics=read_json(r / "metrics.json") or {})
-               for r in _runs_from(paths)]
-    return sorted(records, key=lambda r: _path_order(r.path))
-
-
-def _path_order(run: Path) -> tuple:
-    """Sweep points in their grid's order (2 before 10), other runs by folder name (time)."""
-    return (str(run.parent), int(run.name) if run.name.isdigit() else -1, run.name)
-
-
-@dataclass
-class Settings:
-    """The config keys that tell runs apart. A key only some runs have (a method's own option)
-    counts only where it differs between runs of that same method: ``recycling`` against
-    ``lookup`` needs no more words than their names."""
-
-    keys: list[str]  # names first, then the methods' own options, then the rest
-    names: list[str]  # method.name and the like
-    shared: list[str]  # differing keys every run has
-    own: dict[tuple, list[str]]  # per kind of run (its names): its options that differ
-
-    @classmethod
-    def of(cls, configs: list[dict[str, Any]]) -> "Settings":
-        keys = varying_keys(configs)
-        names = [k for k in keys if k.endswith(".name") or k == "method"]
-        groups = tuple(k[: -len("name")] for k in names if k.endswith(".name"))  # "method."
-        keys.sort(key=lambda k: 0 if k in names else 1 if k.startswith(groups) else 2)
-        shared = [k for k in keys if all(c.get(k) is not None for c in configs)]
-        settings = cls(keys, names, shared, {})
-        for kind in {settings.kind(c) for c in configs}:
-            members = [c for c in configs if settings.kind(c) == kind]
-            settings.own[kind] = [k for k in varying_keys(members) if k not in shared]
-        return settings
-
-    def kind(self, config: dict[str, Any]) -> tuple:
-        return tuple(str(config.get(k)) for k in self.names)
-
-    def of_run(self, config: dict[str, Any]) -> list[str]:
-        own = self.own.get(self.kind(config), [])
-        return [k for k in self.keys if k in self.shared or k in own]
-
-    def columns(self) -> list[str]:
-        own = {k for ks in self.own.values() for k in ks}
-        return [k for k in self.keys if k in self.shared or k in own]
+    if df is None:
+        df = rt.frame(rt.runs_in(paths))
+    df = rt.grid_order(df)
+    out = []
+    for path, command, status in zip(df["path"], df["command"], df["status"]):
+        run = Path(path)
+        metrics = read_json(run / "metrics.json") or {}
+        out.append(RunRecord(path=run, command=command, status=status,
+                             config=flatten(load_config(run)), metrics=metrics))
+    return out
 
 
 def label_runs(records) -> None:
     """Name each run by the settings that set it apart (``tome, r=8``); the folder otherwise."""
-    settings = Settings.of([r.config for r in records])
-    counts: dict[str, int] = {}
-    for r in records:
-        shown = settings.of_run(r.config)
-        last = [k.split(".")[-1] for k in shown]
-        parts = []
-        for k, short in zip(shown, last):
-            v = r.config.get(k)
-            if v is None:  # a setting this run's method does not have
-                continue
-            if k in settings.names:
-                parts.append(str(v))
-            else:
-                parts.append(f"{short if last.count(short) == 1 else k}={_short_value(v)}")
-        label = ", ".join(parts) or _short_path(r.path)
-        counts[label] = counts.get(label, 0) + 1
-        r.label = label if counts[label] == 1 else f"{label} #{counts[label]}"
+    if not records:
+        return
+    df = pd.json_normalize([{"path": str(r.path), "config": r.config or {}} for r in records],
+                           sep=".")
+    for r, label in zip(records, rt.labels(df)):
+        r.label = label
 
 
 def expand_also(runs):
     """A decode run with ``also=[...]`` measured several methods against one baseline,
     interleaved: each becomes a record of its own (``metrics["also"][name]``)."""
-    from dataclasses import replace
-
     from tokctl.plots import RunRecord
 
     out, many = [], len(runs) > 1
@@ -358,32 +394,22 @@ def expand_also(runs):
     return out
 
 
-def _short_value(v: Any) -> str:
-    """A path shown by its last two parts: the label of a run, not its address."""
-    text = fmt(v)
-    if isinstance(v, str) and "/" in v.strip("/"):
-        return "/".join(Path(v).parts[-2:])
-    return text
-
-
 def write_report(paths: list[Path], out: Path, as_json: bool = False) -> dict[str, Any]:
     from tokctl.plots import PLOTTERS
 
-    records = load_records(paths)
+    df = rt.frame(rt.runs_in(paths))
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the report folder {out}: {exc.strerror or exc}") from None
-    by_command: dict[str, list] = {}
-    for r in records:
-        by_command.setdefault(r.command, []).append(r)
     md = ["# tokctl report", "",
-          f"{len(records)} run(s) from {', '.join(f'`{p}`' for p in paths)}; written "
+          f"{len(df)} run(s) from {', '.join(f'`{p}`' for p in paths)}; written "
           f"{_dt.datetime.now().isoformat(timespec='minutes')} by "
           f"`tokctl report {' '.join(str(p) for p in paths)} --out {out}`.", ""]
     written: list[dict[str, Any]] = []
-    for command, runs in sorted(by_command.items()):
+    for command, group in df.groupby("command", sort=True):
+        runs = load_records(paths, group)
         done = [r for r in runs if r.status == "completed" and r.metrics]
         label_runs(done)
         if command == "decode":
@@ -397,14 +423,18 @@ def write_report(paths: list[Path], out: Path, as_json: bool = False) -> dict[st
         if not figures:
             md += ["(no plot for this command" + ("" if done else ": no completed run") + ")", ""]
         md += _summary_table(command, done)
-        others = [r for r in runs if r not in done]
+        others = [r for r in runs if r not in done and r.status != "failed"]
+        failed = [r for r in runs if r.status == "failed"]
         if others:
             md += ["Not plotted (not completed): " + ", ".join(
                 f"`{r.path}` ({r.status or 'no status'})" for r in others), ""]
+        if failed:
+            md += [f"Left out: {len(failed)} failed run(s) (their `error.txt` says why): "
+                   + ", ".join(f"`{r.path}`" for r in failed), ""]
     md_path = out / "report.md"
     atomic_write_text(md_path, "\n".join(md).rstrip() + "\n")
     result = {"out": str(out), "markdown": str(md_path), "figures": written,
-              "runs": len(records), "commands": sorted(by_command)}
+              "runs": len(df), "commands": sorted(set(df["command"]))}
     if as_json:
         _print_json(result)
     else:
@@ -416,37 +446,54 @@ def write_report(paths: list[Path], out: Path, as_json: bool = False) -> dict[st
 
 
 def _summary_table(command: str, runs) -> list[str]:
+    """The report's table of a command's completed runs, best first, named by their settings."""
     if not runs:
         return []
-    if runs[0].metrics.get("entries") and isinstance(runs[0].metrics["entries"], list):
+    if isinstance(runs[0].metrics.get("entries"), list) and runs[0].metrics["entries"]:
         return _entries_table(runs)
-    columns = [c for c in REPORT_COLUMNS.get(command, HEADLINE)
-               if any(r.metrics.get(c) is not None for r in runs)]
+    df = pd.json_normalize([{"run": r.label, "folder": f"`{rt.short_path(r.path)}`",
+                             **{k: v for k, v in r.metrics.items() if k != "per_category"},
+                             "speedup_iqr": _iqr(r.metrics)}
+                            for r in runs], sep=".")
+    wanted = REPORT_COLUMNS.get(command) or rt.HEADLINE.get(command) or ()
+    columns = [c for c in wanted if c in df.columns and df[c].notna().any()]
     if not columns:
-        columns = sorted({k for r in runs for k in scalar_metrics(r.metrics)})[:6]
-    by = columns[0] if columns else None
-    rows = [(None, r, flatten(r.metrics)) for r in runs]
-    if by:
-        rows = rank(rows, by)
-    lines = ["| run | " + " | ".join(columns) + " | folder |",
-             "|---|" + "---:|" * len(columns) + "---|"]
-    for _, r, fm in rows:
-        lines.append(f"| {r.label} | " + " | ".join(fmt(fm.get(c)) for c in columns)
-                     + f" | `{_short_path(r.path)}` |")
-    return lines + [""]
+        columns = [c for c in df.columns if c not in ("run", "folder")
+                   and df[c].map(lambda v: isinstance(v, (int, float)) and not
+                                 isinstance(v, bool)).all()][:6]
+    # best first by the first column, ties by the next ones (as `runs compare`)
+    keys = {f"_key{i}": (rt.numeric(df[c]) if rt.lower_is_better(c) else -rt.numeric(df[c]))
+            for i, c in enumerate(columns) if c != "speedup_iqr"}
+    if keys:
+        df = df.assign(**keys).sort_values(list(keys), na_position="last", kind="stable")
+    table = pd.DataFrame({"run": df["run"]})
+    for c in columns:
+        table[_md_header(c)] = df[c].map(lambda v, c=c: fmt(v, c))
+    table["folder"] = df["folder"]
+    return [table.to_markdown(index=False, disable_numparse=True,
+                              colalign=["left"] + ["right"] * len(columns) + ["left"]), ""]
+
+
+def _iqr(metrics: dict[str, Any]) -> str | None:
+    """The per-sample speedup's interquartile range, ``1.21-1.50x`` (old compress-vit runs
+    name its ends speedup_q1/q3)."""
+    lo = metrics.get("speedup_q25", metrics.get("speedup_q1"))
+    hi = metrics.get("speedup_q75", metrics.get("speedup_q3"))
+    if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)):
+        return None
+    return f"{lo:.2f}-{hi:.2f}x"
+
+
+def _md_header(key: str) -> str:
+    return "speedup IQR" if key == "speedup_iqr" else rt.header(key)
 
 
 def _entries_table(runs) -> list[str]:
     """tokenize-image eval: one row per codec and budget."""
-    lines = ["| run | codec | tokens | target bytes | bytes/image | images over | SSIM | "
-             "PSNR (dB) | MS-SSIM | rFID |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in runs:
-        for e in sorted(r.metrics["entries"], key=lambda e: (e.get("bytes_target") or 0,
-                                                             str(e.get("codec")))):
-            lines.append(f"| {r.label} | {e.get('codec')} | {fmt(e.get('tokens'))} | "
-                         f"{fmt(e.get('bytes_target'))} | {fmt(e.get('bytes_per_image'))} | "
-                         f"{fmt(e.get('over_budget'))} | {fmt(e.get('ssim'))} | "
-                         f"{fmt(e.get('psnr'))} | {fmt(e.get('ms_ssim'))} | {fmt(e.get('rfid'))} |")
-    return lines + ["", "(images over: images a classical codec could not bring under the "
-                        "target even at its lowest quality; counted at their real size)", ""]
+    table = pd.concat([_entries_frame(r.metrics["entries"], r.label) for r in runs],
+                      ignore_index=True)
+    return [table.to_markdown(index=False, disable_numparse=True,
+                              colalign=["left", "left"] + ["right"] * 7), "",
+            "(target: the byte budget a codec was held to; over: images a classical codec could "
+            "not bring under the target even at its lowest quality, counted at their real size)",
+            ""]

@@ -466,6 +466,34 @@ def write_status(path: Path | str, status: str) -> None:
             os.fsync(f.fileno())
 
 
+# What creating a run writes before any work: a failed run holding only these did nothing.
+CREATED_FILES = frozenset({"config.yaml", "env.json", "status", "error.txt"})
+
+
+def discard_if_untouched(path: Path | str) -> bool:
+    """Remove a failed run folder that holds nothing but what creating it wrote (no sample, no
+    metrics, no output): a mistake caught before any work, whose one-line error already said
+    everything, leaves no ``failed`` folder behind. Returns whether the folder was removed."""
+    path = Path(path)
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError:
+        return False
+    if read_status(path) != "failed" or not names <= CREATED_FILES:
+        return False
+    try:
+        for name in names:
+            (path / name).unlink()
+        path.rmdir()
+    except OSError:
+        return False
+    try:  # the day's folder, when this was its only run
+        path.parent.rmdir()
+    except OSError:
+        pass
+    return True
+
+
 # --------------------------------------------------------------------------------------- reading
 def read_json(path: Path | str) -> Any:
     try:

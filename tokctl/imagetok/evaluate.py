@@ -203,35 +203,16 @@ def monotonic_in_tokens(entries: list[dict], label: str) -> dict:
 
 
 def plot_rate_distortion(path, entries, curves, labels) -> None:
-    import matplotlib
+    """The run's rate_distortion.png: the same figure `tokctl report` draws (tokctl.plots)."""
+    from pathlib import Path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tokctl.plots import RunRecord, rate_distortion_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, title in ((axes[0], "ssim", "SSIM"), (axes[1], "psnr", "PSNR (dB)")):
-        for codec, pts in curves.items():
-            ax.plot([p["bytes_per_image"] for p in pts], [p[key] for p in pts], "--", alpha=0.6,
-                    label=f"{codec} (quality sweep)")
-        for label in labels:
-            rows = sorted((e for e in entries if e["codec"] == label), key=lambda e: e["tokens"])
-            ax.plot([e["bytes_per_image"] for e in rows], [e[key] for e in rows], "o-",
-                    label=f"{label} (tokens {rows[0]['tokens']}..{rows[-1]['tokens']})")
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes per image (exact file size)")
-        ax.set_ylabel(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("rate-distortion on held-out photos")
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    from tokctl.runs import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
+    record = RunRecord(Path(path).parent, "tokenize-image eval", "running", {},
+                       {"entries": entries, "curves": curves})
+    rate_distortion_figure([record], Path(path),
+                           title=f"tokenize-image eval: rate-distortion of {', '.join(labels)} "
+                                 f"against JPEG and WebP on the eval images")
 
 
 def print_table(entries, best) -> None:

@@ -25,7 +25,7 @@ from tokctl.errors import UserError
 from tokctl.vit import data as data_mod
 from tokctl.vit import flops, model as model_mod
 from tokctl.vit.patch import Patch, TokenMethod
-from tokctl.vit.visualize import patch_owner, save_merge_figure
+from tokctl.vit.visualize import merge_title, patch_owner, save_merge_figure
 
 
 def build_method(method_cfg) -> TokenMethod:
@@ -344,6 +344,7 @@ def _fidelity_and_figure(cfg, run, patch, info, cinfo, source, evaluated, baseli
     if p:
         out["cls_feature_cosine"] = cls_sum / max(count, 1)
     if vis_images:
-        path = save_merge_figure(run.file(cfg.vis.file), torch.cat(vis_images), torch.cat(vis_sources), p, info.grid)
+        path = save_merge_figure(run.file(cfg.vis.file), torch.cat(vis_images), torch.cat(vis_sources), p, info.grid,
+                                 title=merge_title(cfg.method, info.family))
         out["figure"] = path.name
     return out

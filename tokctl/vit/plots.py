@@ -1,68 +1,63 @@
-"""Trade-off plots from compress-vit run folders (reads only their metrics.json).
+"""Trade-off plots from compress-vit run folders (reads only their files).
 
     python -m tokctl.vit.plots SWEEP_OR_RUN... [--out tradeoff.png]
 
-Two panels: top-1 (or agreement with the uncompressed model where there are no labels) against
-measured speedup, and against GFLOPs; one line per method, the uncompressed model as a star.
+Two panels in one PNG: top-1 (or agreement with the uncompressed model where there are no
+labels) against measured speedup, and against GFLOPs; one line per method through its levels,
+every point named, the uncompressed model as a hollow star. The panels are the ones
+`tokctl report` writes as two files (:func:`tokctl.plots.draw_tradeoff`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
+from tokctl.plots import RunRecord
 
-def collect(paths: list[Path]) -> list[dict]:
-    rows = []
+
+def collect(paths: list[Path]) -> list[RunRecord]:
+    """Completed compress-vit runs under ``paths`` that measured speed and FLOPs.
+
+    Folders named ``<method><variant>-<level>`` (tokctl.vit.figures: ``diffrate300-at-tome-r12``)
+    plot one line per variant, their points named by the rest of the folder name; others (a
+    sweep's 0, 1, ...) one line per method, named by the settings that differ."""
+    from tokctl.report import flatten, label_runs, load_config
+    from tokctl.runs import find_runs, read_json, read_status
+
+    records, named = [], {}
     for root in paths:
-        files = [root / "metrics.json"] if (root / "metrics.json").is_file() else sorted(root.rglob("metrics.json"))
-        for f in files:
-            try:
-                m = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError):
+        for run in find_runs(root) if root.exists() else []:
+            m = read_json(run / "metrics.json") or {}
+            if read_status(run) != "completed" or "speedup" not in m or "gflops" not in m:
                 continue
-            if "speedup" in m and "gflops" in m:
-                # Folders named "<method><variant>-<level>" (tokctl.vit.figures) plot one line per
-                # variant; others (a sweep's 0, 1, ...) one line per method.
-                head = f.parent.name.split("-")[0]
-                m["_group"] = head if head.startswith(str(m.get("method"))) else m.get("method")
-                rows.append(m)
-    return rows
+            cfg = flatten(load_config(run))
+            head, _, rest = run.name.partition("-")
+            method = str(m.get("method") or cfg.get("method.name"))
+            if rest and head.startswith(method):
+                cfg["method.name"] = head
+                named[run] = f"{head}, {rest}"
+            records.append(RunRecord(run, "compress-vit", "completed", cfg, m))
+    label_runs(records)
+    for r in records:
+        r.label = named.get(r.path, r.label)
+    return records
 
 
-def tradeoff_figure(rows: list[dict], out: Path) -> Path:
-    import matplotlib
+def tradeoff_figure(rows: list[RunRecord], out: Path) -> Path:
+    from tokctl.plots import _pyplot, _save, draw_tradeoff, tradeoff_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    use_top1 = all(r.get("top1") is not None for r in rows)
-    key, base_key = ("top1", "baseline_top1") if use_top1 else ("agreement", None)
-    by_method = defaultdict(list)
-    for r in rows:
-        by_method[r.get("_group") or r["method"]].append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method, rs in sorted(by_method.items()):
-        rs.sort(key=lambda r: r["gflops"])
-        for ax, x in zip(axes, ("speedup", "gflops")):
-            ax.plot([r[x] for r in rs], [r[key] for r in rs], "o-", label=method)
-    base = rows[0]
-    baseline_y = base[base_key] if base_key else 1.0
-    axes[0].plot([1.0], [baseline_y], "k*", markersize=12, label="uncompressed")
-    axes[1].plot([base["baseline_gflops"]], [baseline_y], "k*", markersize=12)
-    axes[0].set_xlabel("speedup (images/s over the uncompressed model, same run)")
-    axes[1].set_xlabel("GFLOPs (multiply-adds) per image")
-    for ax in axes:
-        ax.set_ylabel("top-1" if use_top1 else "agreement with the uncompressed model")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    plt = _pyplot()
+    panels = tradeoff_panels(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.0 * len(panels), 5.0), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        draw_tradeoff(ax, rows, panel)
+    axes[0][0].legend(loc="best")
+    fig.suptitle(f"compress-vit trade-offs: {len(rows)} runs", fontsize=12)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _save(fig, out)
     return out
 
 
@@ -73,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = collect(args.runs)
     if not rows:
-        print(f"error: no compress-vit metrics.json under {', '.join(map(str, args.runs))}", file=sys.stderr)
+        print(f"error: no completed compress-vit run with speedup and gflops under "
+              f"{', '.join(map(str, args.runs))}", file=sys.stderr)
         return 2
     print(tradeoff_figure(rows, args.out))
     return 0
