@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from tokctl.console import console, progress_bar
+from tokctl.console import console, progress_bar, step
 from tokctl.decode.base import DecodingMethod, Generation
 from tokctl.decode.data import Prompt, encode, load_prompts
 from tokctl.decode.metrics import aggregate, print_summary
@@ -205,7 +205,9 @@ def run(cfg, run) -> dict[str, Any]:
         if m.needs_draft and not cfg.get("draft_model"):
             raise UserError(f"method={m.name} needs a draft model: add draft_model=NAME (a model "
                             f"config such as smollm2-135m, a folder, a .gguf file or a hub id)")
-    loaded = load_causal_lm(cfg.model)
+    with step(f"loading model {cfg.model.get('name') or 'hf'}",
+              "2-4 s; the embedded model's first load converts it once, about 30 s"):
+        loaded = load_causal_lm(cfg.model)
     if str(cfg.get("draft_model") or "").startswith("self:"):
         loaded.draft = early_exit_draft(loaded, str(cfg.draft_model))
     elif cfg.get("draft_model"):
@@ -237,9 +239,11 @@ def run(cfg, run) -> dict[str, Any]:
         short = Settings(max_new_tokens=min(16, settings.max_new_tokens), sampling=settings.sampling,
                          eos_ids=settings.eos_ids)
         snaps = [r.method.snapshot() for r in runners]
-        for prompt in prompts[:warm]:
-            for r in runners:
-                r.run(prompt, short, seed=int(cfg.seed))
+        with step(f"warm-up: {min(warm, len(prompts))} prompt(s), {short.max_new_tokens} tokens, "
+                  f"{len(runners)} method(s), untimed"):
+            for prompt in prompts[:warm]:
+                for r in runners:
+                    r.run(prompt, short, seed=int(cfg.seed))
         for r, snap in zip(runners, snaps):
             r.method.restore(snap)
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from tokctl.console import console, progress_bar
+from tokctl.console import console, err_console, progress_bar, step
 from tokctl.errors import UserError
 from tokctl.imagetok import baselines, fid, tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
@@ -67,7 +67,18 @@ def run(cfg, run: Run) -> dict:
     run.update_env(eval_images=n_img, image_size=size, eval_names=names)
     entries, speed, tokenizer_info, curves = [], {}, [], {}
     want_rfid = bool(cfg.rfid)
-    ref_feats = fid.features(images) if want_rfid else None
+    ref_feats = None
+    if want_rfid:  # the slow part: say so, measured, and how to skip it
+        t0 = time.perf_counter()
+        with step(f"rFID: Inception features of the {n_img} originals",
+                  "the slow part of an eval; rfid=false skips it"):
+            ref_feats = fid.features(images)
+        per_set = time.perf_counter() - t0
+        sets = sum(len(token_budgets(t.model, cfg.budgets if i == 0 else None))
+                   for i, t in enumerate(tokenizers)) * 3  # tokenizers, then JPEG and WebP
+        err_console.print(f"[dim]rFID will take about {per_set * sets / 60:.0f} min more here "
+                      f"({sets} sets of reconstructions x {per_set:.0f} s); rfid=false skips it[/]",
+                      soft_wrap=True)
     repeats = int(cfg.speed_repeats)
     labels: list[str] = []
 
