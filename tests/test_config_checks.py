@@ -35,7 +35,7 @@ def one_error_line(*args):
     (["decode", "top_p=1.5"], ["top_p=1.5", "<= 1"]),
     (["decode", "metod=ar"], ["did you mean method?", "config group"]),
     (["decode", "method=lookupp"], ["no such option", "did you mean lookup?"]),
-    (["decode", "method=recycling", "method.max_ngram=2"], ["belongs to method=", "lookup"]),
+    (["decode", "method=recycling", "method.max_ngram=2"], ["is a key of method=", "lookup", "not of method=recycling"]),
     (["decode", "method.kk=4"], ["did you mean method.k?"]),
     (["decode", "evl"], ["'evl' is not an override"]),
     (["tokenize-image", "eval", "rfid=flase"], ["rfid=flase", "true or false",
@@ -72,7 +72,7 @@ def test_sweeps_are_checked_per_point():
                                      "hydra/launcher=local"])
     with pytest.raises(UserError, match="max_new_tokens=-3"):
         check_sweep("decode", "decode", ["max_new_tokens=8,-3"])
-    with pytest.raises(UserError, match="belongs to method="):  # lookup's key on the ar point
+    with pytest.raises(UserError, match="is a key of method="):  # lookup's key on the ar point
         check_sweep("decode", "decode", ["method=ar,lookup", "method.max_ngram=2"])
 
 

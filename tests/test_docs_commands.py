@@ -29,6 +29,8 @@ def readme_commands() -> list[str]:
             continue
         if not in_code:
             continue
+        if line.startswith("$ "):  # a transcript: checked by test_readme_transcripts
+            continue
         line = line.split("&&")[-1]
         m = re.search(r"(?:^|\s)(?:\.venv/bin/)?(tokctl\s.*)$", line)
         if m and not line.lstrip().startswith("#"):
@@ -88,3 +90,15 @@ def test_documented_command_parses(command):
 def test_a_wrong_command_fails_the_check(command):
     with pytest.raises((AssertionError, UsageError)):
         check(command)
+
+
+def readme_transcripts() -> list[tuple[str, str]]:
+    """``$ tokctl ...`` lines of the README and the line shown after each."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    return [(ln[2:], lines[i + 1]) for i, ln in enumerate(lines[:-1]) if ln.startswith("$ tokctl ")]
+
+
+@pytest.mark.parametrize("command,shown", readme_transcripts())
+def test_readme_transcripts_print_what_the_readme_says(command, shown):
+    result = runner.invoke(app, shlex.split(command)[1:], terminal_width=1000)
+    assert result.output.strip().splitlines()[-1] == shown

@@ -242,8 +242,8 @@ def _unknown_key(folder: str, config_name: str, sch, key: str, shown: str) -> st
         holders = [opt for opt in sch.groups[group] if opt != sch.choices.get(group)
                    and _yaml_has(conf_dir(folder) / group / f"{opt}.yaml", leaf)]
         if holders:
-            return (f"{head}: {key} belongs to {group}={', '.join(holders)}, not to "
-                    f"{group}={sch.choices.get(group)}; add {group}={holders[0]} to the command")
+            return (f"{head}: it is a key of {group}={', '.join(holders)}, not of "
+                    f"{group}={sch.choices.get(group)}; choose one of those or drop it")
     close = sch.close_keys(key)
     if close:
         best = close[0]

@@ -205,9 +205,7 @@ def run(cfg, run) -> dict[str, Any]:
         if m.needs_draft and not cfg.get("draft_model"):
             raise UserError(f"method={m.name} needs a draft model: add draft_model=NAME (a model "
                             f"config such as smollm2-135m, a folder, a .gguf file or a hub id)")
-    with step(f"loading model {cfg.model.get('name') or 'hf'}",
-              "2-4 s; the embedded model's first load converts it once, about 30 s"):
-        loaded = load_causal_lm(cfg.model)
+    loaded = load_causal_lm(cfg.model)
     if str(cfg.get("draft_model") or "").startswith("self:"):
         loaded.draft = early_exit_draft(loaded, str(cfg.draft_model))
     elif cfg.get("draft_model"):
