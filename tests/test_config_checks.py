@@ -90,6 +90,8 @@ def test_a_key_added_to_a_yaml_is_typed_with_no_other_edit(tmp_path, monkeypatch
     cfg = compose("decode", "decode", ["compile=true", "method=newm", "method.width=5",
                                        "method.mode=slow"])
     assert cfg.compile is True and cfg.method.width == 5
+    # ++key=value adds a key no YAML declares, on purpose (a job of your own, a test job)
+    assert compose("decode", "decode", ["++my_job_knob=3"]).my_job_knob == 3
     for bad, needle in [("compile=maybe", "true or false"), ("method.width=wide", "an int"),
                         ("method.mode=fsat", "did you mean method.mode=fast?"),
                         ("method.widht=4", "did you mean method.width?")]:

@@ -209,6 +209,8 @@ def check_overrides(folder: str, config_name: str, overrides: list[str]) -> None
         spec = sch.get(key)
         shown = o.input_line
         if spec is None:
+            if o.is_force_add():  # ++key=value: on purpose, for a key no YAML declares
+                continue
             raise UserError(_unknown_key(folder, config_name, sch, key, shown))
         if o.is_add() and not o.is_force_add():
             raise UserError(f"{shown}: {key} is already a key; set it without the '+' "
@@ -218,7 +220,9 @@ def check_overrides(folder: str, config_name: str, overrides: list[str]) -> None
             if expected is None:
                 continue
             hint = spec.suggestion(v)
-            raise UserError(f"{key}={_show_value(v)}: expected {expected}"
+            said = (f"is {expected.replace('one of', 'not one of', 1)}"
+                    if expected.startswith("one of ") else f": expected {expected}")
+            raise UserError(f"{key}={_show_value(v)}{' ' if said[0] != ':' else ''}{said}"
                             + (f"; did you mean {key}={hint}?" if hint else "")
                             + f" (default {_show_value(spec.default)})")
 

@@ -60,7 +60,9 @@ class Alternative:
             return _show(self.literal)
         text = {"str": "a string", "bool": "true or false", "int": "an int", "float": "a number",
                 "list": "a list [...]", "dict": "a mapping {...}", "any": "anything"}[self.type]
-        return " ".join([text] + [f"{op} {_show(b)}" for op, b in self.bounds])
+        return " and ".join([text + (f" {self.bounds[0][0]} {_show(self.bounds[0][1])}"
+                                     if self.bounds else "")]
+                            + [f"{op} {_show(b)}" for op, b in self.bounds[1:]])
 
 
 @dataclass
