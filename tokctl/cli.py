@@ -86,7 +86,8 @@ def describe(job: Job) -> str:
     lines += ["", "Set any key above with [cyan]key=value[/]"
               + (f" (e.g. {escape(example)})" if example else "")
               + "; a misspelt key, a key no code reads (also with [cyan]+key=value[/]) or a "
-                "value of the wrong type is refused. [cyan]-m[/] sweeps comma-separated values "
+                "value of the wrong type is refused ([cyan]++key=value[/] adds an undeclared "
+                "key on purpose). [cyan]-m[/] sweeps comma-separated values "
                 "through Hydra's launcher; [cyan]hydra.run.dir=PATH[/] places the run folder; "
                 "[cyan]--cfg[/] prints the composed config and runs nothing."]
     if job.examples:
@@ -95,9 +96,9 @@ def describe(job: Job) -> str:
 
 
 def _key_default(key: str, sch) -> str:
-    from tokctl.config import _show_value
+    from tokctl.config import show_value
 
-    return f"{key}={_show_value(sch.get(key).default)}"
+    return f"{key}={show_value(sch.get(key).default)}"
 
 
 def _kind(spec) -> str:
@@ -211,12 +212,12 @@ def _refuse_unknown_action(top: str, jobs: dict[str, Job], args: list[str],
     """``tokctl tokenize-image evl``: a word that is neither an action nor an override."""
     if not args or "=" in args[0] or args[0].startswith(("-", "+", "~")):
         return
-    from tokctl.config import _closest
+    from tokctl.config import did_you_mean
 
     actions = [a for a in jobs if a] + [a.split(" ", 1)[1] for a in FILE_ACTIONS
                                          if a.startswith(top + " ")]
     if actions and may_be_action:
-        _fail(f"no action {args[0]!r} in `tokctl {top}`; {_closest(args[0], actions)}"
+        _fail(f"no action {args[0]!r} in `tokctl {top}`; {did_you_mean(args[0], actions)}"
               f"(actions: {', '.join(actions)})")
     _fail(f"{args[0]!r} is not an override: `tokctl {top}` takes key=value overrides "
           f"(see tokctl {top} --help)")

@@ -142,7 +142,7 @@ def _values(override) -> list:
     return [value]
 
 
-def _closest(word: str, options: list[str]) -> str:
+def did_you_mean(word: str, options: list[str]) -> str:
     import difflib
 
     close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.5)
@@ -197,7 +197,7 @@ def check_overrides(folder: str, config_name: str, overrides: list[str]) -> None
             continue
         for v in _values(o):
             if str(v) not in own[key]:
-                raise UserError(f"{key}={v}: no such option; {_closest(v, own[key])}"
+                raise UserError(f"{key}={v}: no such option; {did_you_mean(v, own[key])}"
                                 f"({key}: {', '.join(own[key])})")
         if not o.is_sweep_override():
             group_choices.append(o.input_line.lstrip("+"))
@@ -222,12 +222,12 @@ def check_overrides(folder: str, config_name: str, overrides: list[str]) -> None
             hint = spec.suggestion(v)
             said = (f"is {expected.replace('one of', 'not one of', 1)}"
                     if expected.startswith("one of ") else f": expected {expected}")
-            raise UserError(f"{key}={_show_value(v)}{' ' if said[0] != ':' else ''}{said}"
+            raise UserError(f"{key}={show_value(v)}{' ' if said[0] != ':' else ''}{said}"
                             + (f"; did you mean {key}={hint}?" if hint else "")
-                            + f" (default {_show_value(spec.default)})")
+                            + f" (default {show_value(spec.default)})")
 
 
-def _show_value(value) -> str:
+def show_value(value) -> str:
     from tokctl.schema import _show
 
     if isinstance(value, (list, dict)):
