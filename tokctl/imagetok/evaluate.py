@@ -76,9 +76,11 @@ def run(cfg, run: Run) -> dict:
         per_set = time.perf_counter() - t0
         sets = sum(len(token_budgets(t.model, cfg.budgets if i == 0 else None))
                    for i, t in enumerate(tokenizers)) * 3  # tokenizers, then JPEG and WebP
-        err_console.print(f"[dim]rFID will take about {per_set * sets / 60:.0f} min more here "
-                      f"({sets} sets of reconstructions x {per_set:.0f} s); rfid=false skips it[/]",
-                      soft_wrap=True)
+        left = per_set * sets
+        err_console.print(f"[dim]rFID will take about "
+                          f"{f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'} more here "
+                          f"({sets} sets of reconstructions x {per_set:.1f} s); rfid=false skips "
+                          f"it[/]", soft_wrap=True)
     repeats = int(cfg.speed_repeats)
     labels: list[str] = []
 
