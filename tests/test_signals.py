@@ -90,7 +90,7 @@ def size(path: Path) -> int:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_in_the_middle_of_writing_leaves_whole_lines(tmp_path, signum):
     run = tmp_path / "run"
-    proc = tokctl_with_test_jobs("spam", f"hydra.run.dir={run}", "+spam_kb=512", "threads=1")
+    proc = tokctl_with_test_jobs("spam", f"hydra.run.dir={run}", "++spam_kb=512", "threads=1")
     wait_for(lambda: size(run / "samples.jsonl") > 3 * 2**20, what="3 MB of samples")
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
@@ -105,8 +105,8 @@ def test_a_signal_in_the_middle_of_writing_leaves_whole_lines(tmp_path, signum):
 
 def test_more_signals_while_saving_do_not_cut_the_save_short(tmp_path):
     run = tmp_path / "run"
-    proc = tokctl_with_test_jobs("spam", f"hydra.run.dir={run}", "+spam_kb=64",
-                                 "+spam_slow_save=1.5", "threads=1")
+    proc = tokctl_with_test_jobs("spam", f"hydra.run.dir={run}", "++spam_kb=64",
+                                 "++spam_slow_save=1.5", "threads=1")
     wait_for(lambda: size(run / "samples.jsonl") > 2**20, what="1 MB of samples")
     proc.send_signal(signal.SIGINT)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
@@ -165,7 +165,7 @@ def tiny_disk(tmp_path):
 
 def test_a_disk_filling_up_mid_run_leaves_failed_and_whole_lines(tiny_disk):
     run = tiny_disk / "run"
-    proc = tokctl_with_test_jobs("spam", f"hydra.run.dir={run}", "+spam_kb=100", "threads=1",
+    proc = tokctl_with_test_jobs("spam", f"hydra.run.dir={run}", "++spam_kb=100", "threads=1",
                                  env={**os.environ, "TOKCTL_MIN_FREE_MB": "0"})
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err

@@ -46,37 +46,70 @@ def _jobs_of(top: str) -> dict[str, Job]:
 
 
 def describe(job: Job) -> str:
-    """--help for a job: its groups and options, read from conf/, and its top-level keys."""
-    from omegaconf import OmegaConf
+    """--help for a job: its groups and options, and every key with its default and type, all
+    read from conf/ (so a key or option added to a YAML shows up here with no other edit)."""
+    from rich.markup import escape
 
-    from tokctl.config import conf_dir, groups
+    from tokctl.config import schema_for
 
+    sch = schema_for(job.conf, job.config_name)
     lines = [f"[bold]tokctl {job.command}[/] [dim][OVERRIDES...] [-m][/]", "", job.summary, ""]
-    primary = conf_dir(job.conf) / f"{job.config_name}.yaml"
-    raw = OmegaConf.load(primary)
-    defaults = {}
-    for item in raw.get("defaults", []) or []:
-        if isinstance(item, str) or item is None:
-            continue
-        for k, v in item.items():
-            defaults[str(k).split("@")[0].lstrip("/")] = v
-    lines.append("[bold]Config groups[/] (choose with group=option; default in bold):")
-    for group, options in groups(job.conf).items():
-        if group.startswith("hydra") or group not in defaults:
-            continue
-        shown = ", ".join(f"[bold green]{o}[/]" if o == defaults.get(group) else o for o in options)
-        lines.append(f"  [cyan]{group}[/]: {shown}")
-    lines += ["", "[bold]Top-level keys[/] (key=value):"]
-    for key, value in OmegaConf.to_container(raw, resolve=False).items():
-        if key in ("defaults", "hydra") or isinstance(value, (dict, list)):
-            continue
-        lines.append(f"  [cyan]{key}[/]={value}")
-    lines += ["", "Group members are set with [cyan]group.key=value[/] (e.g. method.k=8); "
-              "add new keys with [cyan]+key=value[/]; [cyan]-m[/] sweeps comma-separated values "
-              "through Hydra's launcher; [cyan]hydra.run.dir=PATH[/] places the run folder."]
+    if sch.choices:
+        lines.append("[bold]Config groups[/] (choose with group=option; default in bold):")
+        for group, chosen in sch.choices.items():
+            shown = ", ".join(f"[bold green]{o}[/]" if o == chosen else o
+                              for o in sch.groups[group])
+            lines.append(f"  [cyan]{group}[/]: {shown}")
+        lines.append("")
+    in_group = tuple(g.replace("/", ".") + "." for g in sch.choices)
+    own = [k for k in sch.keys() if not k.startswith(in_group) and k not in sch.choices
+           and not isinstance(sch.get(k).default, dict)]
+    lines.append("[bold]Keys[/] (key=default, then what it takes where the default cannot say):")
+    width = max((len(_key_default(k, sch)) for k in own), default=0)
+    for k in own:
+        shown = _key_default(k, sch)
+        kind = _kind(sch.get(k))
+        lines.append(f"  [cyan]{escape(shown)}[/]" + (" " * (width - len(shown) + 2)
+                                                     + f"[dim]{escape(kind)}[/]" if kind else ""))
+    examples = []
+    for group, chosen in sorted(sch.choices.items(), key=lambda gc: gc[0] != "method"):
+        prefix = group.replace("/", ".") + "."
+        keys = [k for k in sch.keys() if k.startswith(prefix) and k[len(prefix):] not in
+                ("_target_", "name") and not isinstance(sch.get(k).default, dict)]
+        if keys:
+            examples += [k for k in keys if sch.get(k).default is not None]
+            lines.append(f"  [cyan]{group}[/] keys of {group}={chosen}: "
+                         + escape(", ".join(_key_default(k, sch)[len(prefix):] for k in keys)))
+    scalar = [k for k in own if sch.get(k).default is not None
+              and not isinstance(sch.get(k).default, (list, dict))]
+    examples += [k for k in scalar if "." in k] + scalar
+    example = _key_default(examples[0], sch) if examples else None
+    lines += ["", "Set any key above with [cyan]key=value[/]"
+              + (f" (e.g. {escape(example)})" if example else "")
+              + "; a misspelt key, a key no code reads (also with [cyan]+key=value[/]) or a "
+                "value of the wrong type is refused ([cyan]++key=value[/] adds an undeclared "
+                "key on purpose). [cyan]-m[/] sweeps comma-separated values "
+                "through Hydra's launcher; [cyan]hydra.run.dir=PATH[/] places the run folder; "
+                "[cyan]--cfg[/] prints the composed config and runs nothing."]
     if job.examples:
-        lines += ["", "[bold]Examples[/]:"] + [f"  {e}" for e in job.examples]
+        lines += ["", "[bold]Examples[/]:"] + [f"  {escape(e)}" for e in job.examples]
     return "\n".join(lines)
+
+
+def _key_default(key: str, sch) -> str:
+    from tokctl.config import show_value
+
+    return f"{key}={show_value(sch.get(key).default)}"
+
+
+def _kind(spec) -> str:
+    """The accepted forms, where the default alone does not say them (choices, ranges, null)."""
+    if spec.alternatives is None:
+        return ""
+    if len(spec.alternatives) == 1 and not spec.alternatives[0].bounds:
+        kind = spec.alternatives[0].type
+        return "true | false" if kind == "bool" else ""
+    return spec.short()
 
 
 # Actions that work on files rather than composing a Hydra config: "command action" ->
@@ -107,6 +140,7 @@ def _run_job_command(top: str, args: list[str]) -> None:
                           soft_wrap=True)
             return
         _fail(f"`tokctl {top}` needs an action: {', '.join(a for a in jobs if a)}")
+    _refuse_unknown_action(top, jobs, args, may_be_action=not action)
     job = jobs[action]
     if any(a in ("-h", "--help") for a in args):
         text = describe(job)
@@ -117,22 +151,35 @@ def _run_job_command(top: str, args: list[str]) -> None:
         console.print(text, soft_wrap=True)
         return
     multirun = any(a in ("-m", "--multirun") for a in args)
-    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    overrides = [a for a in args if a not in ("-m", "--multirun", "--cfg")]
+    if "--cfg" in args:  # compose and check only: print what would run, run nothing
+        _print_config(job, overrides, multirun)
+        return
     try:
         if multirun:
+            from tokctl.config import check_sweep
+
+            check_sweep(job.conf, job.config_name, overrides)
             _sweep(job, overrides)
             return
         status, path = run_single(job, overrides)
     except UserError as exc:
-        _fail(str(exc))
+        kept = _kept_run_folder(exc)
+        _fail(str(exc) + (f" (run folder: {kept})" if kept else ""))
     except JobCrashed as exc:
         where = exc.path / "error.txt"
         err_console.print(f"[bold red]error:[/] {exc}"
                           + (f" (traceback in {where})" if where.exists() else ""), soft_wrap=True)
         console.print(str(exc.path), soft_wrap=True)
         raise typer.Exit(1)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: finished samples are kept")
+    except KeyboardInterrupt as exc:
+        kept = _kept_run_folder(exc)
+        if kept:
+            err_console.print(f"[yellow]interrupted[/]: finished samples are kept in {kept}",
+                              soft_wrap=True)
+            console.print(str(kept), soft_wrap=True)
+        else:
+            err_console.print("[yellow]interrupted[/] before a run folder was made")
         raise typer.Exit(130)
     console.print(str(path), soft_wrap=True)
 
@@ -154,6 +201,45 @@ def _sweep(job: Job, overrides: list[str]) -> None:
         raise typer.Exit(130)
     if not result.complete:
         raise typer.Exit(1)
+
+
+def _print_config(job: Job, overrides: list[str], multirun: bool) -> None:
+    from tokctl.config import check_sweep, compose, split_run_dir, sweep_points, to_yaml
+
+    try:
+        if multirun:
+            check_sweep(job.conf, job.config_name, overrides)
+            points = sweep_points([o for o in overrides if not o.startswith(("hydra", "+hydra"))
+                                   and o.split("=", 1)[0].lstrip("+") != "resume"])
+            for point in points:
+                console.print(" ".join(point) or "(defaults)", soft_wrap=True)
+            return
+        _, rest = split_run_dir(overrides)
+        console.print(to_yaml(compose(job.conf, job.config_name, rest)), soft_wrap=True, end="")
+    except UserError as exc:
+        _fail(str(exc))
+
+
+def _kept_run_folder(exc: BaseException) -> Path | None:
+    """The run folder a failed or interrupted job left (tokctl.jobs.execute names it)."""
+    path = getattr(exc, "run_dir", None)
+    return path if path is not None and Path(path).is_dir() else None
+
+
+def _refuse_unknown_action(top: str, jobs: dict[str, Job], args: list[str],
+                           may_be_action: bool) -> None:
+    """``tokctl tokenize-image evl``: a word that is neither an action nor an override."""
+    if not args or "=" in args[0] or args[0].startswith(("-", "+", "~")):
+        return
+    from tokctl.config import did_you_mean
+
+    actions = [a for a in jobs if a] + [a.split(" ", 1)[1] for a in FILE_ACTIONS
+                                         if a.startswith(top + " ")]
+    if actions and may_be_action:
+        _fail(f"no action {args[0]!r} in `tokctl {top}`; {did_you_mean(args[0], actions)}"
+              f"(actions: {', '.join(actions)})")
+    _fail(f"{args[0]!r} is not an override: `tokctl {top}` takes key=value overrides "
+          f"(see tokctl {top} --help)")
 
 
 def _job_command(top: str, summary: str) -> None:

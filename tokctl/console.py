@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -39,3 +40,14 @@ def progress_bar(description: str, total: int | None) -> Iterator[callable]:
             progress.advance(task, n)
 
         yield advance
+
+
+@contextmanager
+def step(doing: str, expect: str = "") -> Iterator[None]:
+    """A status line on stderr for a step that takes more than a couple of seconds: what it
+    does and roughly how long, before it starts; how long it took, once done."""
+    start = time.perf_counter()
+    err_console.print(f"[dim]{doing}" + (f" ({expect})" if expect else "") + " ...[/]",
+                      soft_wrap=True)
+    yield
+    err_console.print(f"[dim]  ... done in {time.perf_counter() - start:.1f} s[/]", soft_wrap=True)

@@ -165,11 +165,13 @@ def execute(job: Job, cfg, run_dir: Path, extra_signals: tuple[int, ...] = ()) -
             if metrics is not None:
                 run.write_metrics(metrics)
             status = "completed"
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             status = "interrupted"
+            exc.run_dir = run.path  # the CLI names the kept folder
             raise
         except UserError as exc:
             run.fail(str(exc))
+            exc.run_dir = run.path
             raise
         except Exception as exc:  # noqa: BLE001 - the traceback goes to the run folder
             run.fail(traceback.format_exc())

@@ -123,7 +123,12 @@ def cached_cost(model_source: str, target, max_n: int = 96, refresh: bool = Fals
                 return VerifyCost(table, source=f"cache:{path}")
         except (OSError, ValueError, KeyError):
             pass
-    cost = measure(target, max_n=max_n)
+    from tokctl.console import step
+
+    with step(f"measuring the cost of verifying 1..{min(max_n, GRID[-1])} draft tokens on this "
+              f"device, dtype and thread count", f"about 10 s on an idle 2-core CPU, once: then "
+              f"cached in {path.parent}"):
+        cost = measure(target, max_n=max_n)
     atomic_write_json(path, {**cost.to_json(), "model": model_source, "backend": target.backend,
                              "engine": engine_variant(target),
                              "device": str(target.device), "dtype": str(target.dtype),

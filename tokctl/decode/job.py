@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tokctl import kernels, measure
-from tokctl.console import console, progress_bar
+from tokctl.console import console, progress_bar, step
 from tokctl.decode.base import DecodingMethod, Generation
 from tokctl.decode.data import Prompt, encode, load_prompts
 from tokctl.decode.metrics import aggregate, print_summary
@@ -236,9 +236,11 @@ def run(cfg, run) -> dict[str, Any]:
         short = Settings(max_new_tokens=min(16, settings.max_new_tokens), sampling=settings.sampling,
                          eos_ids=settings.eos_ids)
         snaps = [r.method.snapshot() for r in runners]
-        for prompt in prompts[:warm]:
-            for r in runners:
-                r.run(prompt, short, seed=int(cfg.seed))
+        with step(f"warm-up: {min(warm, len(prompts))} prompt(s), {short.max_new_tokens} tokens, "
+                  f"{len(runners)} method(s), untimed"):
+            for prompt in prompts[:warm]:
+                for r in runners:
+                    r.run(prompt, short, seed=int(cfg.seed))
         for r, snap in zip(runners, snaps):
             r.method.restore(snap)
 

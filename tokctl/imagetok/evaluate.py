@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from tokctl import kernels, measure
-from tokctl.console import console, progress_bar
+from tokctl.console import console, err_console, progress_bar, step
 from tokctl.errors import UserError
 from tokctl.imagetok import baselines, fid, tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
@@ -76,7 +76,20 @@ def run(cfg, run: Run) -> dict:
     entries, tokenizer_info, curves = [], [], {}
     encoders, decoders = {}, {}  # per codec, timed together at the end
     want_rfid = bool(cfg.rfid)
-    ref_feats = fid.features(images) if want_rfid else None
+    ref_feats = None
+    if want_rfid:  # the slow part: say so, measured, and how to skip it
+        t0 = time.perf_counter()
+        with step(f"rFID: Inception features of the {n_img} originals",
+                  "the slow part of an eval; rfid=false skips it"):
+            ref_feats = fid.features(images)
+        per_set = time.perf_counter() - t0
+        sets = sum(len(token_budgets(t.model, cfg.budgets if i == 0 else None))
+                   for i, t in enumerate(tokenizers)) * 3  # tokenizers, then JPEG and WebP
+        left = per_set * sets
+        err_console.print(f"[dim]rFID will take about "
+                          f"{f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'} more here "
+                          f"({sets} sets of reconstructions x {per_set:.1f} s); rfid=false skips "
+                          f"it[/]", soft_wrap=True)
     repeats = int(cfg.speed_repeats)
     labels: list[str] = []
 

@@ -100,7 +100,8 @@ def embedded_folder(name: str) -> Path:
     gguf_path = embedded_gguf(name)
     from tokctl.console import err_console
 
-    err_console.print(f"[dim]converting {gguf_path.name} once into {folder} ...[/]")
+    err_console.print(f"[dim]converting {gguf_path.name} once into {folder} (about 30 s; later "
+                      f"runs load the converted weights) ...[/]")
     model, tokenizer = _load_gguf(gguf_path, "float32")
     # GGUF weights are already de-quantised: without these the model refuses to save.
     model.hf_quantizer = None
