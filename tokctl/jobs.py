@@ -100,6 +100,8 @@ COMMAND_GROUPS = {
     "tokenize-image": ("eval", "1D and 2D discrete image tokenizers: train, encode, decode, "
                                "evaluate (default: eval of the embedded tokenizer against JPEG "
                                "and WebP)."),
+    "probe": ("", "Analysis tools that are not decoding methods: token forcing scans a model's "
+                  "vocabulary for hidden memorised text; plant fine-tunes a copy with a secret."),
 }
 
 
