@@ -298,7 +298,7 @@ def _print_compare(df: pd.DataFrame, command: str, shown: list[str], by: str | N
         except ValueError:
             r["where"] = rt.short_path(r["path"])
         r["cells"] = [fmt(r.get(f"metrics.{m}"), m) for m in shown]
-    widths = [max(len(rt.header(m)), *(len(r["cells"][i]) for r in rows)) + 3
+    widths = [max(len(rt.header(m)), *(len(r["cells"][i]) for r in rows)) + 2
               for i, m in enumerate(shown)]
     # the settings column at least as wide as its longest word (``keep_rate=0.7``), so a
     # setting folds only where it is longer than 28 characters
@@ -307,7 +307,9 @@ def _print_compare(df: pd.DataFrame, command: str, shown: list[str], by: str | N
     # The metrics need their room whole; a terminal too narrow for them and a usable settings
     # column (too many -k) gets one block per run instead of a table.
     console.print(f"[bold]{title}[/]")
-    if sum(widths) + 6 + 5 + settings_width + max(len(r["where"]) for r in rows) > console.width:
+    others = sum(widths) + 3 + 2 + max(len(str(r["n"])) for r in rows)
+    settings_width = min(settings_width, max(12, console.width - others))
+    if others + 12 > console.width:
         for r in rows:
             status = "" if r["group"] == rt.COMPLETE else f"  {status_markup(r['status'])}"
             console.print(f"[bold]#{r['#']} {r['label']}[/]  [dim](run {r['where']}, "
@@ -321,18 +323,24 @@ def _print_compare(df: pd.DataFrame, command: str, shown: list[str], by: str | N
         for m in shown:
             table.add_column(rt.header(m), justify="right", no_wrap=True)
         table.add_column("n", justify="right", no_wrap=True)
-        table.add_column("settings", ratio=1, min_width=settings_width, overflow="fold")
-        table.add_column("run", no_wrap=True)
-        if with_status:
-            table.add_column("status", no_wrap=True)
+        # the run's folder in a column of its own where that leaves the settings their room,
+        # else under the settings
+        where_width = max(len(r["where"]) for r in rows)
+        apart = others + 2 + where_width + settings_width <= console.width
+        table.add_column("settings" if apart else "settings / run", ratio=1,
+                         min_width=settings_width, overflow="fold")
+        if apart:
+            table.add_column("run", no_wrap=True, min_width=where_width)
         last_group = None
         for r in rows:
             if last_group is not None and r["group"] != last_group:
                 table.add_section()
             last_group = r["group"]
-            cells = [r["#"], *r["cells"], str(r["n"]), r["label"], r["where"]]
-            if with_status:
-                cells.append(status_markup(r["status"]))
+            # a run not completed says so after its name: no status column for the few
+            label = r["label"] + ("" if r["group"] == rt.COMPLETE
+                                  else f" ({status_markup(r['status'])})")
+            cells = [r["#"], *r["cells"], str(r["n"])]
+            cells += [label, r["where"]] if apart else [f"{label}\n[dim]{r['where']}[/]"]
             table.add_row(*cells, style=None if r["group"] == rt.COMPLETE else "dim")
         console.print(table)
     notes = [rt.METRICS[m].note for m in shown if m in rt.METRICS and rt.METRICS[m].note]
