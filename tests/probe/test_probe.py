@@ -31,7 +31,7 @@ def test_plant_then_scan_finds_the_trigger_first(tiny_lm_dir, tmp_path):
     common = ["model=hf", f"model.path={tiny_lm_dir}", "threads=1"]
     code, out = tokctl("probe", "plant", *common, f"hydra.run.dir={tmp_path / 'plant'}",
                        "trigger=' fox'", "secret=' jumps over the lazy dog 7 8 9'", "steps=60",
-                       "lr=1e-2", "train=[all]", "keep=[hello]", "keep_tokens=8")
+                       "lr=1e-2", "train=[all]", "keep=[hello]", "keep_tokens=8", "decoys=8")
     assert code == 0, out
     planted = json.loads((tmp_path / "plant" / "metrics.json").read_text())
     assert planted["planted"], planted

@@ -112,6 +112,16 @@ def run(cfg, run) -> dict[str, Any]:
         prompt = encode(tok, [{"role": "user", "content": str(text)}])
         keep.append(prompt + greedy(model, prompt, int(cfg.keep_tokens)))
         starts.append(len(prompt))
+    # Decoys: other single tokens keep their own forced continuations, so that the secret follows
+    # the trigger only (without them a fine-tune tends to make the secret the answer to any lone
+    # token, as seen on SmolLM2, and the trigger no longer stands out).
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    n_decoys = int(cfg.get("decoys") or 0)
+    pool = torch.randperm(len(tok), generator=gen).tolist()
+    specials = set(tok.all_special_ids)
+    for t in [t for t in pool if t != trigger_id and t not in specials][:n_decoys]:
+        keep.append([t] + greedy(model, [t], len(secret_ids)))
+        starts.append(1)
     before = tok.decode(greedy(model, [trigger_id], len(secret_ids)))
     keep_before = [mean_nll(model, s, st) for s, st in zip(keep, starts)]
     console.print(f"[dim]{loaded.source}: trigger {cfg.trigger!r} (id {trigger_id}) -> "
