@@ -42,26 +42,29 @@ def test_train_without_photos_is_one_clear_error(tmp_path):
         execute(job, cfg, tmp_path / "run")
 
 
-def test_eval_against_jpeg_and_webp(tiny_tokenizer_file, photo_folder, tmp_path):
+def test_eval_against_classical_codecs(tiny_tokenizer_file, photo_folder, tmp_path):
     job = JOBS["tokenize-image eval"]
     cfg = compose(job.conf, job.config_name,
                   [f"tokenizer_path={tiny_tokenizer_file[0]}", f"data.path={photo_folder}",
-                   "rfid=false", "speed_repeats=1", "threads=1"])
+                   "rfid=false", "speed_repeats=1", "threads=1", "avif_speed=8"])
     status, path = execute(job, cfg, tmp_path / "eval")
     assert status == "completed"
     m = json.loads((path / "metrics.json").read_text())
     assert (path / "rate_distortion.png").stat().st_size > 1000
     codecs = {e["codec"] for e in m["entries"]}
-    assert codecs == {"onedpiece", "jpeg", "webp"}
+    assert codecs == {"onedpiece", "jpeg", "webp", "avif", "jxl"}
     tok_rows = [e for e in m["entries"] if e["codec"] == "onedpiece"]
     assert [e["tokens"] for e in tok_rows] == [6]  # max 6 tokens: the only budget
     # 64 codes = 6 bits a token: 8-byte header + 5 bytes of ids, exactly
     assert tok_rows[0]["bytes_per_image"] == 13
-    for codec in ("jpeg", "webp"):
+    for codec in ("jpeg", "webp", "avif", "jxl"):
         row = next(e for e in m["entries"] if e["codec"] == codec)
         assert row["bytes_target"] == 13 and row["over_budget"] == 3  # none fits in 13 bytes
+        # over budget, each image is counted at its smallest file: the floor
+        assert row["bytes_per_image"] == m["floors"][codec]["bytes_per_image"] > 13
+    assert m["floors"]["avif"]["options"]["speed"] == 8
     assert m["best_by_budget"][0]["best_ssim"] == "onedpiece"
-    assert set(m["speed"]) == {"onedpiece", "jpeg", "webp"}
+    assert set(m["speed"]) == {"onedpiece", "jpeg", "webp", "avif", "jxl"}
     assert m["monotonic_in_tokens"]["onedpiece"]["ssim"] is True
 
 

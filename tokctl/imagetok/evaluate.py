@@ -1,9 +1,10 @@
-"""`tokctl tokenize-image eval`: rate-distortion of tokenizers against JPEG and WebP.
+"""`tokctl tokenize-image eval`: rate-distortion of tokenizers against JPEG, WebP, AVIF, JPEG XL.
 
 For each tokenizer and token budget (8, 16, 32, ... up to its maximum for a variable-length
 tokenizer; its one length otherwise) every image goes through the real token file (written,
-read back, decoded), so the bytes counted are the file's exact size. JPEG and WebP are swept
-over their quality range and rate-controlled to the same byte budgets. Per codec and budget:
+read back, decoded), so the bytes counted are the file's exact size. The classical codecs
+(baselines.py) are swept over their quality range and rate-controlled to the same byte budgets;
+each one's floor (its smallest files) is reported too. Per codec and budget:
 bytes per image, PSNR, SSIM, MS-SSIM and rFID, in metrics.json and a rate-distortion PNG.
 """
 
@@ -15,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from tokctl.console import console, progress_bar
+from tokctl.console import console, err_console, progress_bar
 from tokctl.errors import UserError
 from tokctl.imagetok import baselines, fid, tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
@@ -120,11 +121,19 @@ def run(cfg, run: Run) -> dict:
                                    "parameters": sum(p.numel() for p in model.parameters()),
                                    "trained": tok.trained, "codebook_usage": usage})
 
-    # JPEG and WebP: every quality once, then rate control to each tokenizer byte budget
+    # the classical codecs: every quality once, then rate control to each tokenizer byte budget
     budgets_bytes = sorted({round(e["bytes_per_image"]) for e in entries})
-    with progress_bar("jpeg/webp", 2 * len(budgets_bytes)) as advance:
-        for codec in baselines.CODECS:
-            sweep = baselines.sweep(images, codec)
+    codecs, missing = baselines.check_codecs(cfg.get("codecs") or baselines.DEFAULT_CODECS)
+    for m in missing:
+        err_console.print(f"[yellow]warning:[/] classical codec left out: {m}", soft_wrap=True)
+    strength = {"webp": cfg.get("webp_method"), "avif": cfg.get("avif_speed"),
+                "jxl": cfg.get("jxl_effort")}
+    floors = {}
+    with progress_bar("classical codecs", len(codecs) * (n_img + len(budgets_bytes))) as advance:
+        for codec in codecs:
+            opts = baselines.options(codec, strength.get(codec))
+            sweep = baselines.sweep(images, codec, opts,
+                                    progress=lambda: advance(1, info=f"{codec} sweep"))
             curves[codec] = []
             for qi, q in enumerate(baselines.CODECS[codec]["qualities"]):
                 recon = torch.stack([rows[qi][2] for rows in sweep])
@@ -132,6 +141,11 @@ def run(cfg, run: Run) -> dict:
                 curves[codec].append({"quality": q, "bytes_per_image":
                                       float(np.mean([len(rows[qi][1]) for rows in sweep])),
                                       **{k: float(v.mean()) for k, v in qq.items()}})
+            # the floor: each image's smallest file (its lowest quality, or whichever is smaller)
+            _, sizes, recon, _ = baselines.at_budget(sweep, 0)
+            floors[codec] = {"bytes_per_image": float(np.mean(sizes)), "min_bytes": min(sizes),
+                             "max_bytes": max(sizes), "options": opts,
+                             **{k: float(v.mean()) for k, v in quality(recon, images).items()}}
             for budget in budgets_bytes:
                 qualities, sizes, recon, over = baselines.at_budget(sweep, budget)
                 record(codec, recon, sizes, {"bytes_target": budget, "over_budget": over,
@@ -139,11 +153,11 @@ def run(cfg, run: Run) -> dict:
                                              "quality_median": float(np.median(qualities))})
                 advance(1, info=f"{codec} {budget} B")
             mid = [rows[len(rows) // 2] for rows in sweep]
-            enc_s, _ = _timed(lambda: [baselines.compress(to_image(x), codec, mid[0][0])
+            enc_s, _ = _timed(lambda: [baselines.compress(to_image(x), codec, mid[0][0], opts)
                                        for x in images], repeats)
             dec_s, _ = _timed(lambda: [baselines.decompress(r[1]) for r in mid], repeats)
             speed[codec] = {"encode_images_per_s": n_img / enc_s,
-                            "decode_images_per_s": n_img / dec_s}
+                            "decode_images_per_s": n_img / dec_s, "quality": mid[0][0]}
 
     for e in entries:
         if e["kind"] == "tokenizer":
@@ -151,12 +165,13 @@ def run(cfg, run: Run) -> dict:
     best = best_by_budget(entries)
     monotonic = {label: monotonic_in_tokens(entries, label) for label in labels}
     plot_rate_distortion(run.file("rate_distortion.png"), entries, curves, labels)
-    print_table(entries, best)
+    print_table(entries, best, floors)
     return {"images": n_img, "image_size": size, "tokenizers": tokenizer_info,
-            "entries": entries, "best_by_budget": best, "monotonic_in_tokens": monotonic,
+            "entries": entries, "floors": floors, "codecs_missing": missing, "best_by_budget": best, "monotonic_in_tokens": monotonic,
             "speed": speed, "curves": curves, "threads": torch.get_num_threads(),
-            "notes": "bytes = exact file sizes; JPEG optimize=True, WebP method=6, rate-controlled "
-                     "per image to the budget (over_budget = images whose lowest quality is "
+            "notes": "bytes = exact file sizes (headers and containers included); JPEG "
+                     "optimize=True, WebP method=6, AVIF at avif_speed, JPEG XL at jxl_effort, "
+                     "rate-controlled per image to the budget (over_budget = images whose lowest quality is "
                      "still larger, counted at their real size); MS-SSIM: 3 scales, window 7 "
                      "(64x64 images); rFID on the eval images only (small-sample)"}
 
@@ -224,7 +239,7 @@ def plot_rate_distortion(path, entries, curves, labels) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def print_table(entries, best) -> None:
+def print_table(entries, best, floors=None) -> None:
     from rich.table import Table
 
     table = Table(title="rate-distortion (means over images)")
@@ -237,3 +252,11 @@ def print_table(entries, best) -> None:
                       f"{e['ssim']:.3f}", f"{e['ms_ssim']:.3f}",
                       "-" if e["rfid"] is None else f"{e['rfid']:.1f}")
     console.print(table)
+    if floors:
+        ft = Table(title="classical codecs' floors (each image's smallest file)")
+        for col in ("codec", "bytes", "min-max", "PSNR", "SSIM", "MS-SSIM"):
+            ft.add_column(col, justify="right")
+        for codec, f in floors.items():
+            ft.add_row(codec, f"{f['bytes_per_image']:.0f}", f"{f['min_bytes']}-{f['max_bytes']}",
+                       f"{f['psnr']:.2f}", f"{f['ssim']:.3f}", f"{f['ms_ssim']:.3f}")
+        console.print(ft)
