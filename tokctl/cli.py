@@ -98,7 +98,9 @@ def _run_job_command(top: str, args: list[str]) -> None:
         _run_file_action(FILE_ACTIONS[f"{top} {args[0]}"], args[1:])
     jobs = _jobs_of(top)
     action = ""
-    if args and args[0] in jobs and args[0] != "":
+    if len(args) > 1 and f"{args[0]} {args[1]}" in jobs:  # a two-word action: "prior train"
+        action, args = f"{args[0]} {args[1]}", args[2:]
+    elif args and args[0] in jobs and args[0] != "":
         action, args = args[0], args[1:]
     if action not in jobs:
         _fail(f"`tokctl {top}` needs an action: {', '.join(a for a in jobs if a)}")
