@@ -17,28 +17,6 @@ from tokctl.imagetok.checkpoint import load_tokenizer
 from tokctl.imagetok.codec import (PriorLookup, assemble, decode_files, encode_images,
                                    image_tiles, read_token_bytes)
 from tokctl.jobs import JOBS, execute
-from tests.imagetok.conftest import tiny_overrides
-
-
-@pytest.fixture
-def tiny_prior(tiny_tokenizer_file, tmp_path):
-    """A tiny prior for the tiny tokenizer, trained a few steps on its tokens of random images
-    so its probabilities are not uniform."""
-    tok = load_tokenizer(tiny_tokenizer_file[0])
-    torch.manual_seed(0)
-    cfg = {"vocab": tok.model.codebook_size, "max_tokens": tok.model.max_tokens, "width": 16,
-           "layers": 1, "heads": 2}
-    model = prior_mod.build_prior(cfg)
-    ids = tok.model.encode(torch.rand(32, 3, 32, 32))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(20):
-        loss = model.loss_bits(ids).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path = tmp_path / "tiny.prior.pt"
-    prior_mod.save_prior(path, model.eval(), cfg, tok.hash, {"steps": 20})
-    return tok, prior_mod.load_prior(path)
 
 
 def _photo(w, h, seed=0):

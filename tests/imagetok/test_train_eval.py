@@ -101,3 +101,30 @@ def test_best_by_budget_counts_smaller_files_within_a_budget():
     assert best[80]["best_ssim"] == "grid" and best[80]["candidates"] == ["grid"]
     assert best[104]["best_ssim"] == "grid" and best[104]["best_rfid"] == "grid"
     assert best[104]["candidates"] == ["grid", "oned"]  # JPEG could not reach 104 bytes
+
+
+def test_eval_coded_files_at_a_larger_size(tiny_prior, photo_folder, tmp_path):
+    """image_size=40 with a 32-pixel tokenizer: 2 x 2 tiles an image; the +prior rows count
+    the coded files, whose ids decode back exactly."""
+    tok, prior = tiny_prior
+    job = JOBS["tokenize-image eval"]
+    cfg = compose(job.conf, job.config_name,
+                  [f"tokenizer_path={tok.path}", f"prior_path={prior.path}",
+                   f"data.path={photo_folder}", "image_size=40", "codecs=[jpeg]", "rfid=false",
+                   "speed_repeats=1", "threads=1", "budgets=[3,6]"])
+    status, path = execute(job, cfg, tmp_path / "eval")
+    assert status == "completed"
+    m = json.loads((path / "metrics.json").read_text())
+    assert m["image_size"] == 40
+    raw = [e for e in m["entries"] if e["codec"] == "onedpiece"]
+    coded = [e for e in m["entries"] if e["codec"] == "onedpiece+prior"]
+    assert [e["tiles"] for e in raw] == [4, 4]
+    # plain: 8-byte header + 4 tiles x n x 6 bits
+    assert [e["bytes_per_image"] for e in raw] == [8 + 9, 8 + 18]
+    for r, c in zip(raw, coded):
+        assert c["coded_round_trip"] and c["ssim"] == r["ssim"]
+        assert c["bits_per_token"] == r["coded_bits_per_token"]
+        assert c["bytes_per_image"] == r["coded_bytes_per_image"]
+    assert set(m["speed"]) == {"onedpiece", "onedpiece+prior", "jpeg"}
+    jpeg = next(e for e in m["entries"] if e["codec"] == "jpeg")
+    assert jpeg["bytes_per_image"] > 100  # a 40x40 JPEG, headers and all

@@ -20,7 +20,8 @@ from tokctl.console import console, err_console, progress_bar
 from tokctl.errors import UserError
 from tokctl.imagetok import baselines, fid, tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
-from tokctl.imagetok.codec import decode_files, encode_images
+from tokctl.imagetok import prior as prior_mod
+from tokctl.imagetok.codec import PriorLookup, decode_files, encode_images, read_token_bytes
 from tokctl.imagetok.data import eval_images, to_image, to_tensor
 from tokctl.imagetok.models.base import prefix_budgets
 from tokctl.imagetok.losses import ms_ssim_per_image, psnr_per_image, ssim_per_image
@@ -53,19 +54,63 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def _prior_of(cfg, tok, first: bool):
+    """The token prior that codes this tokenizer's files in eval: prior_path= for the first
+    tokenizer, else the shipped one for it; none with coded=false."""
+    if not cfg.get("coded", True):
+        return None
+    return prior_mod.prior_for(tok.hash, cfg.get("prior_path") if first else None)
+
+
+def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int) -> dict:
+    """Each image's token file with its ids coded under the prior: real sizes, bits per token
+    (the coder's bytes, headers left out, against its ideal -log2 p), and whether every file
+    decodes back to its ids."""
+    kind = tokfile.KINDS.get(tok.name, tokfile.OTHER_KIND)
+    sizes, payload_bits, ideal, ok = [], 0, 0.0, True
+    lookup = PriorLookup(coder.path)
+    for t in tokens:
+        ids = np.ascontiguousarray(t[:, :n])
+        payload = prior_mod.encode_ids(coder.model, ids)
+        blob = tokfile.dumps(tokfile.TokenFile(kind, tok.hash, size, size, ids, coder.hash),
+                             tok.model.codebook_size, payload)
+        sizes.append(len(blob))
+        payload_bits += 8 * len(payload)
+        probs = coder.model.coding_probabilities(ids, n)
+        ideal += float(prior_mod.ideal_bits(probs, ids).sum())
+        ok &= bool(np.array_equal(read_token_bytes(tok, blob, lookup).tokens, ids))
+    count = sum(t.shape[0] for t in tokens) * n
+    return {"sizes": sizes, "bits_per_token": payload_bits / count,
+            "ideal_bits_per_token": ideal / count, "round_trip": ok}
+
+
+def _coded_speed(tok, coder, pil, n: int, repeats: int) -> dict:
+    """Images per second through real coded files: encode (tokenizer + coding), decode
+    (decoding the ids under the prior + the tokenizer's decoder)."""
+    enc_s, blobs = _timed(lambda: encode_images(tok, pil, n, coder), repeats)
+    lookup = PriorLookup(coder.path)
+    dec_s, _ = _timed(lambda: decode_files(tok, [read_token_bytes(tok, b, lookup) for b in blobs]),
+                      repeats)
+    return {"encode_images_per_s": len(pil) / enc_s, "decode_images_per_s": len(pil) / dec_s}
+
+
 def run(cfg, run: Run) -> dict:
     paths = [cfg.tokenizer_path] + list(cfg.get("compare_with") or [])
     tokenizers = [load_tokenizer(p) for p in paths]
-    size = tokenizers[0].model.image_size
-    if any(t.model.image_size != size for t in tokenizers):
+    tile = tokenizers[0].model.image_size
+    if any(t.model.image_size != tile for t in tokenizers):
         raise UserError("compare_with: every tokenizer must work at the same image size")
+    # the images' size: the tokenizer's (one tile an image), or larger (tiles of it)
+    size = int(cfg.get("image_size") or tile)
+    if size < 8:
+        raise UserError(f"image_size={size}: give a side of at least 8 pixels (or null)")
     names, images = eval_images(cfg.data.path, size, cfg.data.get("limit"))
     n_img = len(names)
     if n_img == 0:
         raise UserError("no evaluation images")
     # the originals as 8-bit pixels, as every codec sees them
     images = torch.stack([to_tensor(to_image(x)) for x in images])
-    run.update_env(eval_images=n_img, image_size=size, eval_names=names)
+    run.update_env(eval_images=n_img, image_size=size, tile_size=tile, eval_names=names)
     entries, speed, tokenizer_info, curves = [], {}, [], {}
     want_rfid = bool(cfg.rfid)
     ref_feats = fid.features(images) if want_rfid else None
@@ -85,38 +130,58 @@ def run(cfg, run: Run) -> dict:
 
     total = sum(len(token_budgets(t.model, cfg.budgets if i == 0 else None))
                 for i, t in enumerate(tokenizers))
+    pil = [to_image(x) for x in images]
     with progress_bar("tokenizers", total) as advance:
         for i, tok in enumerate(tokenizers):
             label = tok.name if tok.name not in labels else f"{tok.name}-{i}"
             labels.append(label)
             model = tok.model
             budgets = token_budgets(model, cfg.budgets if i == 0 else None)
-            pil = [to_image(x) for x in images]
+            coder = _prior_of(cfg, tok, first=i == 0)
             model.quantizer.reset_usage()
             enc_s, files_full = _timed(lambda: encode_images(tok, pil, model.max_tokens), repeats)
             usage = model.quantizer.usage()
-            tokens = [tokfile.loads(b, model.codebook_size, tok.hash).tokens for b in files_full]
+            tokens = [read_token_bytes(tok, b).tokens for b in files_full]  # (tiles, max) each
+            kind = tokfile.KINDS.get(tok.name, tokfile.OTHER_KIND)
             for n in budgets:
-                blobs = [tokfile.dumps(tokfile.TokenFile(tokfile.KINDS.get(tok.name, 31), tok.hash,
-                                                         size, size, t[:n]), model.codebook_size)
-                         for t in tokens]
-                parsed = [tokfile.loads(b, model.codebook_size, tok.hash) for b in blobs]
+                blobs = [tokfile.dumps(tokfile.TokenFile(kind, tok.hash, size, size, t[:, :n]),
+                                       model.codebook_size) for t in tokens]
+                parsed = [read_token_bytes(tok, b) for b in blobs]
                 dec_s, decoded = _timed(lambda: decode_files(tok, parsed), repeats)
                 recon = torch.stack([to_tensor(im) for im in decoded])
                 # encode(decode(tokens)): how many of the kept tokens come back unchanged
-                again = model.encode(recon)[:, :n]
-                kept = torch.from_numpy(np.stack([t[:n] for t in tokens]))
-                agreement = float((again == kept).double().mean())
-                record(label, recon, [len(b) for b in blobs],
-                       {"tokens": n, "kind": "tokenizer", "reencode_agreement": agreement})
+                again = [read_token_bytes(tok, b).tokens[:, :n]
+                         for b in encode_images(tok, decoded, n)]
+                agreement = float(np.mean([(a == t[:, :n]).mean() for a, t in zip(again, tokens)]))
+                extra = {"tokens": n, "tiles": int(tokens[0].shape[0]), "kind": "tokenizer",
+                         "reencode_agreement": agreement,
+                         "bits_per_token": float(tokfile.bits_for(model.codebook_size))}
+                if coder is not None:
+                    coded = _coded(tok, coder, tokens, n, size)
+                    extra.update(coded_bytes_per_image=float(np.mean(coded["sizes"])),
+                                 coded_bits_per_token=coded["bits_per_token"])
+                entry = record(label, recon, [len(b) for b in blobs], extra)
+                if coder is not None:
+                    record(f"{label}+prior", recon, coded["sizes"],
+                           {**extra, "bits_per_token": coded["bits_per_token"],
+                            "ideal_bits_per_token": coded["ideal_bits_per_token"],
+                            "prior": f"{coder.hash:06x}", "coded_round_trip": coded["round_trip"],
+                            "reencode_agreement": entry["reencode_agreement"]})
                 if n == model.max_tokens:
                     speed[label] = {"encode_images_per_s": n_img / enc_s,
                                     "decode_images_per_s": n_img / dec_s}
+                    if coder is not None:
+                        speed[f"{label}+prior"] = _coded_speed(tok, coder, pil, n, repeats)
                 advance(1, info=f"{label} {n} tokens")
+            if coder is not None:
+                labels.append(f"{label}+prior")
             tokenizer_info.append({"label": label, "path": str(tok.path), "hash": f"{tok.hash:06x}",
                                    "max_tokens": model.max_tokens,
                                    "codebook_size": model.codebook_size,
                                    "bits_per_token": tokfile.bits_for(model.codebook_size),
+                                   "prior": None if coder is None else
+                                   {"path": str(coder.path), "hash": f"{coder.hash:06x}",
+                                    "parameters": sum(p.numel() for p in coder.model.parameters())},
                                    "variable_length": model.variable_length,
                                    "parameters": sum(p.numel() for p in model.parameters()),
                                    "trained": tok.trained, "codebook_usage": usage})
@@ -167,7 +232,8 @@ def run(cfg, run: Run) -> dict:
     plot_rate_distortion(run.file("rate_distortion.png"), entries, curves, labels)
     print_table(entries, best, floors)
     return {"images": n_img, "image_size": size, "tokenizers": tokenizer_info,
-            "entries": entries, "floors": floors, "codecs_missing": missing, "best_by_budget": best, "monotonic_in_tokens": monotonic,
+            "entries": entries, "floors": floors, "codecs_missing": missing,
+            "best_by_budget": best, "monotonic_in_tokens": monotonic,
             "speed": speed, "curves": curves, "threads": torch.get_num_threads(),
             "notes": "bytes = exact file sizes (headers and containers included); JPEG "
                      "optimize=True, WebP method=6, AVIF at avif_speed, JPEG XL at jxl_effort, "
@@ -243,12 +309,13 @@ def print_table(entries, best, floors=None) -> None:
     from rich.table import Table
 
     table = Table(title="rate-distortion (means over images)")
-    for col in ("codec", "tokens/q", "bytes", "PSNR", "SSIM", "MS-SSIM", "rFID"):
+    for col in ("codec", "tokens/q", "bytes", "bits/token", "PSNR", "SSIM", "MS-SSIM", "rFID"):
         table.add_column(col, justify="right")
     for e in sorted(entries, key=lambda e: (e["bytes_target"], e["codec"])):
         tq = str(e.get("tokens", "")) or f"q~{e.get('quality_median', 0):g}"
         over = f" ({e['over_budget']} over)" if e.get("over_budget") else ""
-        table.add_row(e["codec"], tq, f"{e['bytes_per_image']:.0f}{over}", f"{e['psnr']:.2f}",
+        bits = f"{e['bits_per_token']:.2f}" if "bits_per_token" in e else ""
+        table.add_row(e["codec"], tq, f"{e['bytes_per_image']:.0f}{over}", bits, f"{e['psnr']:.2f}",
                       f"{e['ssim']:.3f}", f"{e['ms_ssim']:.3f}",
                       "-" if e["rfid"] is None else f"{e['rfid']:.1f}")
     console.print(table)

@@ -113,6 +113,8 @@ def run(cfg, run: Run) -> dict:
                 out[f"val_bits@{n}"] = float(bits[:n].mean())
         return out
 
+    if not resume:  # the tokens cost minutes: a checkpoint keeps them from the start
+        checkpoint()
     last: dict = {}
     start = time.perf_counter()
     prior.train()
