@@ -32,14 +32,21 @@ def test_coded_file_round_trip_every_prefix(tiny_prior):
     assert plain.shape == (6, 6)
     lookup = PriorLookup(prior.path)
     for n in range(1, 7):
-        blob = encode_images(tok, [im], n, prior)[0]
-        head, _, _ = tokfile.read_header(blob)
+        ids = np.ascontiguousarray(plain[:, :n])
+        coded = tokfile.dumps(tokfile.TokenFile(1, tok.hash, 70, 40, ids, prior.hash), 64,
+                              prior_mod.encode_ids(prior.model, ids))
+        head, _, _ = tokfile.read_header(coded)
         assert head.prior_hash == prior.hash and (head.width, head.height) == (70, 40)
-        tf = read_token_bytes(tok, blob, lookup)
-        assert np.array_equal(tf.tokens, plain[:, :n])
+        tf = read_token_bytes(tok, coded, lookup)
+        assert np.array_equal(tf.tokens, ids)
         # encode(decode(file)) of the same ids is byte-identical
         again = tokfile.TokenFile(tf.kind, tok.hash, 70, 40, tf.tokens, prior.hash)
-        assert tokfile.dumps(again, 64, prior_mod.encode_ids(prior.model, tf.tokens)) == blob
+        assert tokfile.dumps(again, 64, prior_mod.encode_ids(prior.model, tf.tokens)) == coded
+        # encode writes whichever is smaller, coded or plain, and it reads back the same
+        blob = encode_images(tok, [im], n, prior)[0]
+        plain_size = len(encode_images(tok, [im], n)[0])
+        assert len(blob) == min(len(coded), plain_size)
+        assert np.array_equal(read_token_bytes(tok, blob, lookup).tokens, ids)
     assert encode_images(tok, [im], 6, prior) == encode_images(tok, [im], 6, prior)
 
 
@@ -56,7 +63,9 @@ def test_coding_saves_bits_on_what_the_prior_learnt(tiny_prior):
 
 def test_a_file_whose_prior_is_missing_is_refused(tiny_prior):
     tok, prior = tiny_prior
-    blob = encode_images(tok, [_photo(32, 32)], 6, prior)[0]
+    ids = tok.model.encode(torch.rand(1, 3, 32, 32)).numpy()
+    blob = tokfile.dumps(tokfile.TokenFile(1, tok.hash, 32, 32, ids, prior.hash), 64,
+                         prior_mod.encode_ids(prior.model, ids))
     with pytest.raises(tokfile.TokenFileError, match=f"token prior {prior.hash:06x}, which"):
         read_token_bytes(tok, blob, PriorLookup(None))
 
@@ -73,11 +82,12 @@ def test_cli_coded_files_and_side_by_side(tiny_prior, tmp_path):
     runner = CliRunner()
     (tmp_path / "in").mkdir()
     _photo(50, 30).save(tmp_path / "in" / "a.png")
-    res = runner.invoke(app, ["tokenize-image", "encode", str(tmp_path / "in" / "a.png"),
-                              "--out", str(tmp_path / "tok"), "--tokenizer", str(tok.path),
-                              "--prior", str(prior.path)])
-    assert res.exit_code == 0, res.output
+    # a coded file, as encode writes when coding makes it smaller
+    ids = read_token_bytes(tok, encode_images(tok, [_photo(50, 30)], 6)[0]).tokens
+    (tmp_path / "tok").mkdir()
     tok_file = tmp_path / "tok" / "a.tok"
+    tok_file.write_bytes(tokfile.dumps(tokfile.TokenFile(1, tok.hash, 50, 30, ids, prior.hash),
+                                       64, prior_mod.encode_ids(prior.model, ids)))
     res = runner.invoke(app, ["tokenize-image", "decode", str(tok_file), "--out",
                               str(tmp_path / "x"), "--tokenizer", str(tok.path)])
     assert res.exit_code == 1 and "--prior" in res.output and "Traceback" not in res.output

@@ -84,9 +84,8 @@ def encode_images(tok: LoadedTokenizer, images: list[Image.Image], tokens: int,
                   prior=None) -> list[bytes]:
     """RGB images of any size -> token file bytes (version 2): each image as tiles of the
     tokenizer's input size, ``tokens`` ids a tile, arithmetic-coded under ``prior`` (a
-    LoadedPrior) when one is given, else plain bits."""
+    LoadedPrior) when one is given and that makes the file smaller, else plain bits."""
     size = tok.model.image_size
-    kind = tokfile.KINDS.get(tok.name, tokfile.OTHER_KIND)
     per_image = [image_tiles(im, size) for im in images]
     flat = torch.cat(per_image) if per_image else torch.zeros(0, 3, size, size)
     ids = torch.cat([tok.model.encode(flat[i:i + BATCH])[:, :tokens]
@@ -95,11 +94,26 @@ def encode_images(tok: LoadedTokenizer, images: list[Image.Image], tokens: int,
     for im, tiles in zip(images, per_image):
         mine = ids[start:start + len(tiles)]
         start += len(tiles)
-        tf = tokfile.TokenFile(kind, tok.hash, im.size[0], im.size[1], mine,
-                               prior.hash if prior is not None else None)
-        coded = prior_mod.encode_ids(prior.model, mine) if prior is not None else None
-        out.append(tokfile.dumps(tf, tok.model.codebook_size, coded))
+        out.append(smaller_file(tok, prior, im.size[0], im.size[1], mine))
     return out
+
+
+def smaller_file(tok: LoadedTokenizer, prior, width: int, height: int, ids: np.ndarray,
+                 payload: Optional[bytes] = None) -> bytes:
+    """The token file of ``ids`` (tiles, n): coded under ``prior`` when that makes it smaller,
+    else plain. A coded file's header is 3 bytes longer (the prior's hash) and the range coder
+    ends on a 32-bit word, so a few short tiles can cost less plain. ``payload``: the coded
+    bytes when already made."""
+    kind = tokfile.KINDS.get(tok.name, tokfile.OTHER_KIND)
+    plain = tokfile.dumps(tokfile.TokenFile(kind, tok.hash, width, height, ids),
+                          tok.model.codebook_size)
+    if prior is None:
+        return plain
+    if payload is None:
+        payload = prior_mod.encode_ids(prior.model, ids)
+    coded = tokfile.dumps(tokfile.TokenFile(kind, tok.hash, width, height, ids, prior.hash),
+                          tok.model.codebook_size, payload)
+    return coded if len(coded) < len(plain) else plain
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ from tokctl.errors import UserError
 from tokctl.imagetok import baselines, fid, tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
 from tokctl.imagetok import prior as prior_mod
-from tokctl.imagetok.codec import PriorLookup, decode_files, encode_images, read_token_bytes
+from tokctl.imagetok.codec import (PriorLookup, decode_files, encode_images, read_token_bytes,
+                                   smaller_file)
 from tokctl.imagetok.data import eval_images, to_image, to_tensor
 from tokctl.imagetok.models.base import prefix_budgets
 from tokctl.imagetok.losses import ms_ssim_per_image, psnr_per_image, ssim_per_image
@@ -63,17 +64,16 @@ def _prior_of(cfg, tok, first: bool):
 
 
 def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int) -> dict:
-    """Each image's token file with its ids coded under the prior: real sizes, bits per token
-    (the coder's bytes, headers left out, against its ideal -log2 p), and whether every file
-    decodes back to its ids."""
-    kind = tokfile.KINDS.get(tok.name, tokfile.OTHER_KIND)
-    sizes, payload_bits, ideal, ok = [], 0, 0.0, True
+    """Each image's token file as encode writes it with the prior (coded, or plain where that
+    is smaller): real sizes; bits per token of the coder's bytes (headers left out) against the
+    ideal -log2 p; how many files came out coded; whether every file decodes back to its ids."""
+    sizes, payload_bits, ideal, ok, n_coded = [], 0, 0.0, True, 0
     lookup = PriorLookup(coder.path)
     for t in tokens:
         ids = np.ascontiguousarray(t[:, :n])
         payload = prior_mod.encode_ids(coder.model, ids)
-        blob = tokfile.dumps(tokfile.TokenFile(kind, tok.hash, size, size, ids, coder.hash),
-                             tok.model.codebook_size, payload)
+        blob = smaller_file(tok, coder, size, size, ids, payload)
+        n_coded += tokfile.read_header(blob)[0].prior_hash is not None
         sizes.append(len(blob))
         payload_bits += 8 * len(payload)
         probs = coder.model.coding_probabilities(ids, n)
@@ -81,7 +81,7 @@ def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int) -> dict:
         ok &= bool(np.array_equal(read_token_bytes(tok, blob, lookup).tokens, ids))
     count = sum(t.shape[0] for t in tokens) * n
     return {"sizes": sizes, "bits_per_token": payload_bits / count,
-            "ideal_bits_per_token": ideal / count, "round_trip": ok}
+            "ideal_bits_per_token": ideal / count, "round_trip": ok, "files_coded": n_coded}
 
 
 def _coded_speed(tok, coder, pil, n: int, repeats: int) -> dict:
@@ -166,6 +166,7 @@ def run(cfg, run: Run) -> dict:
                            {**extra, "bits_per_token": coded["bits_per_token"],
                             "ideal_bits_per_token": coded["ideal_bits_per_token"],
                             "prior": f"{coder.hash:06x}", "coded_round_trip": coded["round_trip"],
+                            "files_coded": coded["files_coded"],
                             "reencode_agreement": entry["reencode_agreement"]})
                 if n == model.max_tokens:
                     speed[label] = {"encode_images_per_s": n_img / enc_s,
