@@ -76,7 +76,9 @@ def test_eval_on_the_default(tmp_path):
                                                   "avif", "jxl"}
     coded = [e for e in m["entries"] if e["codec"] == "onedpiece+prior"]
     assert all(e["coded_round_trip"] for e in coded)
-    assert all(c["bytes_per_image"] < r["bytes_per_image"] for c, r in zip(coded, rows))
+    # encode codes a file only where that makes it smaller: never larger, smaller at 64 tokens
+    assert all(c["bytes_per_image"] <= r["bytes_per_image"] for c, r in zip(coded, rows))
+    assert coded[-1]["bytes_per_image"] < rows[-1]["bytes_per_image"]
     assert (tmp_path / "run" / "rate_distortion.png").exists()
 
 
