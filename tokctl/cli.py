@@ -131,8 +131,10 @@ def _run_job_command(top: str, args: list[str]) -> None:
     if args and f"{top} {args[0]}" in FILE_ACTIONS:
         _run_file_action(FILE_ACTIONS[f"{top} {args[0]}"], args[1:])
     jobs = _jobs_of(top)
-    action = COMMAND_GROUPS.get(top, ("",))[0]
-    if args and args[0] in jobs and args[0] != "":
+    default = action = COMMAND_GROUPS.get(top, ("",))[0]
+    if len(args) > 1 and f"{args[0]} {args[1]}" in jobs:  # a two-word action: "prior train"
+        action, args = f"{args[0]} {args[1]}", args[2:]
+    elif args and args[0] in jobs and args[0] != "":
         action, args = args[0], args[1:]
     if action not in jobs:
         if any(a in ("-h", "--help") for a in args):  # a command with actions only (probe)
@@ -140,7 +142,7 @@ def _run_job_command(top: str, args: list[str]) -> None:
                           soft_wrap=True)
             return
         _fail(f"`tokctl {top}` needs an action: {', '.join(a for a in jobs if a)}")
-    _refuse_unknown_action(top, jobs, args, may_be_action=not action)
+    _refuse_unknown_action(top, jobs, args, may_be_action=action == default)
     job = jobs[action]
     if any(a in ("-h", "--help") for a in args):
         text = describe(job)

@@ -83,6 +83,13 @@ JOBS: dict[str, Job] = {
             "Rate-distortion of a tokenizer against JPEG and WebP at the same byte budgets.",
             ("tokctl tokenize-image eval", "tokctl tokenize-image eval data.path=photos/",
              "tokctl tokenize-image eval tokenizer_path=runs/tokenize-image-train/.../tokenizer.pt")),
+        Job("tokenize-image prior train", "tokenize_image", "prior_train",
+            "tokctl.imagetok.prior_train:run",
+            "Train the token prior that arithmetic-codes token files, on the tokens of training "
+            "crops (resumable).",
+            ("tokctl tokenize-image prior train",
+             "tokctl tokenize-image prior train tokenizer_path=vq2d train.steps=500",
+             "tokctl tokenize-image prior train resume=runs/tokenize-image-prior-train/DATE/TIME_prior")),
         Job("tokenize-image train", "tokenize_image", "train", "tokctl.imagetok.train:run",
             "Train an image tokenizer on random crops of photos (resumable).",
             ("tokctl tokenize-image train", "tokctl tokenize-image train tokenizer=vq2d quantizer=vq",

@@ -84,3 +84,27 @@ def tiny_overrides(folder, steps=4):
           "threads=1", "tokenizer.num_latents=6"]
     ov += [f"tokenizer.{k}={v}" for k, v in TINY.items() if k != "conv_channels"]
     return ov + ["tokenizer.conv_channels=[8,8,8]", "quantizer.levels=[4,4,4]"]
+
+
+@pytest.fixture
+def tiny_prior(tiny_tokenizer_file, tmp_path):
+    """A tiny prior for the tiny tokenizer, trained a few steps on its tokens of random images
+    so its probabilities are not uniform."""
+    from tokctl.imagetok import prior as prior_mod
+    from tokctl.imagetok.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_file[0])
+    torch.manual_seed(0)
+    cfg = {"vocab": tok.model.codebook_size, "max_tokens": tok.model.max_tokens, "width": 16,
+           "layers": 1, "heads": 2}
+    model = prior_mod.build_prior(cfg)
+    ids = tok.model.encode(torch.rand(32, 3, 32, 32))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        loss = model.loss_bits(ids).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path / "tiny.prior.pt"
+    prior_mod.save_prior(path, model.eval(), cfg, tok.hash, {"steps": 20})
+    return tok, prior_mod.load_prior(path)

@@ -39,12 +39,21 @@ def test_encode_decode_encode_on_the_default(tmp_path):
     assert res.returncode == 1 and "notes.png" in res.stderr and "Traceback" not in res.stderr
     tok_files = sorted((tmp_path / "tok").glob("*.tok"))
     assert [p.name for p in tok_files] == ["astronaut.tok", "coffee.tok"]
-    # 32 x 9 bits = 36 bytes of ids; the header is 8 bytes for sides under 128 px (varints)
-    assert [p.stat().st_size for p in tok_files] == [46, 44]
-
-    res = tokctl("tokenize-image", "decode", *tok_files, "--out", tmp_path / "png", cwd=tmp_path)
+    # plain ids: 32 x 9 bits = 36 bytes a 64x64 tile; 512x512 is 64 tiles, 120x80 is 2 x 2
+    res = tokctl("tokenize-image", "encode", photos / "astronaut.png", photos / "coffee.jpg",
+                 "--out", tmp_path / "raw", "--tokens", "32", "--raw", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert Image.open(tmp_path / "png" / "coffee.png").size == (120, 80)
+    raw = sorted((tmp_path / "raw").glob("*.tok"))
+    assert [p.stat().st_size for p in raw] == [10 + 64 * 36, 8 + 4 * 36]
+    # coded under the shipped prior: smaller than plain
+    assert all(c.stat().st_size < r.stat().st_size for c, r in zip(tok_files, raw))
+
+    res = tokctl("tokenize-image", "decode", *tok_files, "--out", tmp_path / "png",
+                 "--side-by-side", photos, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert Image.open(tmp_path / "png" / "coffee.png").size == (2 * 120 + 4, 80)
+    res = tokctl("tokenize-image", "decode", *tok_files, "--out", tmp_path / "png1", cwd=tmp_path)
+    assert Image.open(tmp_path / "png1" / "coffee.png").size == (120, 80)
 
     # the same image encodes to the same bytes, and the file holds exactly those tokens
     again = tokctl("tokenize-image", "encode", photos / "astronaut.png", "--out", tmp_path / "t2",
@@ -63,19 +72,25 @@ def test_eval_on_the_default(tmp_path):
     assert [e["bytes_per_image"] for e in rows] == [17, 26, 44, 80]
     ssim = [e["ssim"] for e in rows]
     assert ssim == sorted(ssim) and ssim[-1] > ssim[0] + 0.05  # every prefix adds detail
-    assert {e["codec"] for e in m["entries"]} == {"onedpiece", "jpeg", "webp"}
+    assert {e["codec"] for e in m["entries"]} == {"onedpiece", "onedpiece+prior", "jpeg", "webp",
+                                                  "avif", "jxl"}
+    coded = [e for e in m["entries"] if e["codec"] == "onedpiece+prior"]
+    assert all(e["coded_round_trip"] for e in coded)
+    # encode codes a file only where that makes it smaller: never larger, smaller at 64 tokens
+    assert all(c["bytes_per_image"] <= r["bytes_per_image"] for c, r in zip(coded, rows))
+    assert coded[-1]["bytes_per_image"] < rows[-1]["bytes_per_image"]
     assert (tmp_path / "run" / "rate_distortion.png").exists()
 
 
 def test_the_shipped_grid_tokenizer_by_name(tmp_path):
-    """--tokenizer vq2d: 64 tokens of 9 bits, an 80-byte file for a small image; decode finds the
-    shipped tokenizer that made a file by its hash."""
+    """--tokenizer vq2d: 64 tokens of 9 bits a 64x64 tile (no prior: plain ids), 152 bytes for a
+    96x64 image (two tiles); decode finds the shipped tokenizer that made a file by its hash."""
     assert load_tokenizer("vq2d").model.codebook_size == 512
     Image.new("RGB", (96, 64), (200, 120, 40)).save(tmp_path / "flat.png")
     res = tokctl("tokenize-image", "encode", tmp_path / "flat.png", "--out", tmp_path / "tok",
                  "--tokenizer", "vq2d", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "tok" / "flat.tok").stat().st_size == 80
+    assert (tmp_path / "tok" / "flat.tok").stat().st_size == 8 + 2 * 72
     res = tokctl("tokenize-image", "decode", tmp_path / "tok" / "flat.tok", "--out", tmp_path / "png",
                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr

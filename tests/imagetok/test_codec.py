@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from tokctl.cli import app
 from tokctl.imagetok import tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer, save_tokenizer
-from tokctl.imagetok.codec import decode_files, encode_images
+from tokctl.imagetok.codec import decode_files, encode_images, read_token_bytes
 from tokctl.imagetok.data import to_image
 from tests.imagetok.conftest import make_tiny
 
@@ -18,12 +18,12 @@ def test_file_round_trip_keeps_exact_tokens(tiny_tokenizer_file, images):
     blobs = encode_images(tok, pil, 4)
     direct = tok.model.encode(images)[:, :4]
     for blob, row in zip(blobs, direct):
-        tf = tokfile.loads(blob, tok.model.codebook_size, tok.hash)
-        assert np.array_equal(tf.tokens, row.numpy())
+        tf = read_token_bytes(tok, blob)
+        assert np.array_equal(tf.tokens, row.numpy()[None])  # one 32x32 tile
         assert len(blob) == 8 + (4 * 6 + 7) // 8  # 64 codes: 6 bits a token
     # encoding the same images again gives byte-identical files
     assert encode_images(tok, pil, 4) == blobs
-    out = decode_files(tok, [tokfile.loads(b, 64, tok.hash) for b in blobs])
+    out = decode_files(tok, [read_token_bytes(tok, b) for b in blobs])
     assert [im.size for im in out] == [(32, 32)] * 5
 
 
@@ -31,7 +31,9 @@ def test_decode_restores_original_size(tiny_tokenizer_file):
     tok = load_tokenizer(tiny_tokenizer_file[0])
     im = Image.new("RGB", (50, 20), (200, 10, 10))
     blob = encode_images(tok, [im], tok.model.max_tokens)[0]
-    assert decode_files(tok, [tokfile.loads(blob, 64, tok.hash)])[0].size == (50, 20)
+    tf = read_token_bytes(tok, blob)
+    assert tf.tokens.shape == (2, 6)  # two 32x32 tiles cover 50x20
+    assert decode_files(tok, [tf])[0].size == (50, 20)
 
 
 def test_hash_covers_weights(tmp_path):

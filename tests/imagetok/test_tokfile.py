@@ -45,3 +45,29 @@ def test_other_tokenizer_is_refused():
     data = tokfile.dumps(tokfile.TokenFile(1, 7, 64, 64, np.arange(10)), 4096)
     with pytest.raises(tokfile.TokenFileError, match="another tokenizer"):
         tokfile.loads(data, 4096, expect_hash=8)
+
+
+def test_version2_tiles_plain_and_coded_headers():
+    ids = np.arange(6 * 10).reshape(6, 10) % 512  # 70x40 at 32-pixel tiles: 3 x 2 tiles
+    tf = tokfile.TokenFile(1, 0xABCDEF, 70, 40, ids)
+    data = tokfile.dumps(tf, 512)
+    assert data[1] >> 5 == 2 and len(data) == 8 + 60 * 9 // 8 + 1  # 540 bits -> 68 bytes
+    back = tokfile.loads(data, 512, expect_hash=0xABCDEF, tile_size=32)
+    assert np.array_equal(back.tokens, ids) and back.prior_hash is None
+    with pytest.raises(tokfile.TokenFileError, match="truncated"):
+        tokfile.loads(data[:-1], 512, tile_size=32)
+
+    coded = tokfile.TokenFile(1, 0xABCDEF, 70, 40, ids, prior_hash=0x123456)
+    data = tokfile.dumps(coded, 512, b"\x07\x08")
+    assert len(data) == 11 + 2  # 3 more header bytes: the prior's hash
+    seen = {}
+
+    def decode(h, payload, tiles, n):
+        seen.update(h=h, payload=payload, tiles=tiles, n=n)
+        return ids
+
+    back = tokfile.loads(data, 512, tile_size=32, decode_coded=decode)
+    assert seen == {"h": 0x123456, "payload": b"\x07\x08", "tiles": 6, "n": 10}
+    assert back.prior_hash == 0x123456 and np.array_equal(back.tokens, ids)
+    with pytest.raises(tokfile.TokenFileError, match="no prior"):
+        tokfile.loads(data, 512, tile_size=32)

@@ -42,26 +42,29 @@ def test_train_without_photos_is_one_clear_error(tmp_path):
         execute(job, cfg, tmp_path / "run")
 
 
-def test_eval_against_jpeg_and_webp(tiny_tokenizer_file, photo_folder, tmp_path):
+def test_eval_against_classical_codecs(tiny_tokenizer_file, photo_folder, tmp_path):
     job = JOBS["tokenize-image eval"]
     cfg = compose(job.conf, job.config_name,
                   [f"tokenizer_path={tiny_tokenizer_file[0]}", f"data.path={photo_folder}",
-                   "rfid=false", "speed_repeats=1", "threads=1"])
+                   "rfid=false", "speed_repeats=1", "threads=1", "avif_speed=8"])
     status, path = execute(job, cfg, tmp_path / "eval")
     assert status == "completed"
     m = json.loads((path / "metrics.json").read_text())
     assert (path / "rate_distortion.png").stat().st_size > 1000
     codecs = {e["codec"] for e in m["entries"]}
-    assert codecs == {"onedpiece", "jpeg", "webp"}
+    assert codecs == {"onedpiece", "jpeg", "webp", "avif", "jxl"}
     tok_rows = [e for e in m["entries"] if e["codec"] == "onedpiece"]
     assert [e["tokens"] for e in tok_rows] == [6]  # max 6 tokens: the only budget
     # 64 codes = 6 bits a token: 8-byte header + 5 bytes of ids, exactly
     assert tok_rows[0]["bytes_per_image"] == 13
-    for codec in ("jpeg", "webp"):
+    for codec in ("jpeg", "webp", "avif", "jxl"):
         row = next(e for e in m["entries"] if e["codec"] == codec)
         assert row["bytes_target"] == 13 and row["over_budget"] == 3  # none fits in 13 bytes
+        # over budget, each image is counted at its smallest file: the floor
+        assert row["bytes_per_image"] == m["floors"][codec]["bytes_per_image"] > 13
+    assert m["floors"]["avif"]["options"]["speed"] == 8
     assert m["best_by_budget"][0]["best_ssim"] == "onedpiece"
-    assert set(m["speed"]) == {"onedpiece", "jpeg", "webp"}
+    assert set(m["speed"]) == {"onedpiece", "jpeg", "webp", "avif", "jxl"}
     for kind in ("encode", "decode"):  # the tokenizer against JPEG, interleaved, same keys
         figures = m["speed"]["onedpiece"]["vs_jpeg"][kind]
         assert set(figures) == {"speedup", "speedup_median", "speedup_q25", "speedup_q75"}
@@ -116,3 +119,30 @@ def test_default_photos_that_cannot_be_had_are_counted_not_dropped(monkeypatch):
     names, images, skipped = eval_images(None, 16)
     assert "coins" not in names and "OSError" in skipped["coins"]
     assert len(images) == len(names) > 0
+
+
+def test_eval_coded_files_at_a_larger_size(tiny_prior, photo_folder, tmp_path):
+    """image_size=40 with a 32-pixel tokenizer: 2 x 2 tiles an image; the +prior rows count
+    the coded files, whose ids decode back exactly."""
+    tok, prior = tiny_prior
+    job = JOBS["tokenize-image eval"]
+    cfg = compose(job.conf, job.config_name,
+                  [f"tokenizer_path={tok.path}", f"prior_path={prior.path}",
+                   f"data.path={photo_folder}", "image_size=40", "codecs=[jpeg]", "rfid=false",
+                   "speed_repeats=1", "threads=1", "budgets=[3,6]"])
+    status, path = execute(job, cfg, tmp_path / "eval")
+    assert status == "completed"
+    m = json.loads((path / "metrics.json").read_text())
+    assert m["image_size"] == 40
+    raw = [e for e in m["entries"] if e["codec"] == "onedpiece"]
+    coded = [e for e in m["entries"] if e["codec"] == "onedpiece+prior"]
+    assert [e["tiles"] for e in raw] == [4, 4]
+    # plain: 8-byte header + 4 tiles x n x 6 bits
+    assert [e["bytes_per_image"] for e in raw] == [8 + 9, 8 + 18]
+    for r, c in zip(raw, coded):
+        assert c["coded_round_trip"] and c["ssim"] == r["ssim"]
+        assert c["bits_per_token"] == r["coded_bits_per_token"]
+        assert c["bytes_per_image"] == r["coded_bytes_per_image"]
+    assert set(m["speed"]) == {"onedpiece", "onedpiece+prior", "jpeg"}
+    jpeg = next(e for e in m["entries"] if e["codec"] == "jpeg")
+    assert jpeg["bytes_per_image"] > 100  # a 40x40 JPEG, headers and all

@@ -1,5 +1,9 @@
 """`tokctl tokenize-image encode IMG... --out DIR` and `decode TOKFILE... --out DIR`.
 
+An image of any size is encoded as tiles of the tokenizer's input size (tokfile version 2), each
+tile's ids arithmetic-coded under the tokenizer's token prior (prior.py) when there is one;
+decode reassembles the tiles at the image's size.
+
 Each input is handled on its own: a file that will not open, a truncated token file or one made
 by another tokenizer is reported in one line, the others are still written, and the exit status
 is 1 when any input failed (2 for a usage mistake, such as a missing --out).
@@ -7,6 +11,8 @@ is 1 when any input failed (2 for a usage mistake, such as a missing --out).
 
 from __future__ import annotations
 
+import glob
+import io
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,9 +24,10 @@ from PIL import Image
 
 from tokctl.console import console, err_console
 from tokctl.errors import UserError
+from tokctl.imagetok import prior as prior_mod
 from tokctl.imagetok import tokfile
 from tokctl.imagetok.checkpoint import EMBEDDED, LoadedTokenizer, load_tokenizer
-from tokctl.imagetok.data import open_rgb, to_image, to_tensor
+from tokctl.imagetok.data import IMAGE_SUFFIXES, open_rgb, to_image
 
 BATCH = 32
 
@@ -52,51 +59,135 @@ def check_budget(tok: LoadedTokenizer, tokens: Optional[int]) -> int:
     return tokens
 
 
-def encode_images(tok: LoadedTokenizer, images: list[Image.Image], tokens: int) -> list[bytes]:
-    """RGB images of any size -> token file bytes. Each image is resized (aspect not kept) to
-    the tokenizer's square input; its original size goes in the header."""
+def image_tiles(im: Image.Image, size: int) -> torch.Tensor:
+    """(T, 3, size, size): the image padded to whole tiles (its last row and column repeated, so
+    no tile sees an artificial edge), cut row by row."""
+    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    cols, rows = tokfile.tile_grid(im.size[0], im.size[1], size)
+    arr = np.pad(arr, ((0, rows * size - arr.shape[0]), (0, cols * size - arr.shape[1]), (0, 0)),
+                 mode="edge")
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+    return x.view(3, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(-1, 3, size, size)
+
+
+def assemble(tiles: torch.Tensor, width: int, height: int) -> Image.Image:
+    """The inverse of :func:`image_tiles`: tiles (T, 3, S, S) -> the width x height image."""
+    size = tiles.shape[-1]
+    cols, rows = tokfile.tile_grid(width, height, size)
+    x = tiles.view(rows, cols, 3, size, size).permute(2, 0, 3, 1, 4).reshape(3, rows * size,
+                                                                              cols * size)
+    return to_image(x[:, :height, :width])
+
+
+@torch.no_grad()
+def encode_images(tok: LoadedTokenizer, images: list[Image.Image], tokens: int,
+                  prior=None) -> list[bytes]:
+    """RGB images of any size -> token file bytes (version 2): each image as tiles of the
+    tokenizer's input size, ``tokens`` ids a tile, arithmetic-coded under ``prior`` (a
+    LoadedPrior) when one is given and that makes the file smaller, else plain bits."""
     size = tok.model.image_size
-    out = []
-    for start in range(0, len(images), BATCH):
-        chunk = images[start:start + BATCH]
-        x = torch.stack([to_tensor(im.resize((size, size), Image.LANCZOS)) for im in chunk])
-        ids = tok.model.encode(x)[:, :tokens].numpy()
-        for im, row in zip(chunk, ids):
-            tf = tokfile.TokenFile(tokfile.KINDS.get(tok.name, tokfile.OTHER_KIND), tok.hash,
-                                   im.size[0], im.size[1], row)
-            out.append(tokfile.dumps(tf, tok.model.codebook_size))
+    per_image = [image_tiles(im, size) for im in images]
+    flat = torch.cat(per_image) if per_image else torch.zeros(0, 3, size, size)
+    ids = torch.cat([tok.model.encode(flat[i:i + BATCH])[:, :tokens]
+                     for i in range(0, len(flat), BATCH)]).numpy() if len(flat) else None
+    out, start = [], 0
+    for im, tiles in zip(images, per_image):
+        mine = ids[start:start + len(tiles)]
+        start += len(tiles)
+        out.append(smaller_file(tok, prior, im.size[0], im.size[1], mine))
     return out
 
 
+def smaller_file(tok: LoadedTokenizer, prior, width: int, height: int, ids: np.ndarray,
+                 payload: Optional[bytes] = None) -> bytes:
+    """The token file of ``ids`` (tiles, n): coded under ``prior`` when that makes it smaller,
+    else plain. A coded file's header is 3 bytes longer (the prior's hash) and the range coder
+    ends on a 32-bit word, so a few short tiles can cost less plain. ``payload``: the coded
+    bytes when already made."""
+    kind = tokfile.KINDS.get(tok.name, tokfile.OTHER_KIND)
+    plain = tokfile.dumps(tokfile.TokenFile(kind, tok.hash, width, height, ids),
+                          tok.model.codebook_size)
+    if prior is None:
+        return plain
+    if payload is None:
+        payload = prior_mod.encode_ids(prior.model, ids)
+    coded = tokfile.dumps(tokfile.TokenFile(kind, tok.hash, width, height, ids, prior.hash),
+                          tok.model.codebook_size, payload)
+    return coded if len(coded) < len(plain) else plain
+
+
+@torch.no_grad()
 def decode_files(tok: LoadedTokenizer, files: list[tokfile.TokenFile]) -> list[Image.Image]:
-    """Parsed token files -> RGB images at their original sizes (same token counts batched)."""
-    out: list[Image.Image | None] = [None] * len(files)
-    by_count: dict[int, list[int]] = {}
-    for i, tf in enumerate(files):
-        by_count.setdefault(len(tf.tokens), []).append(i)
-    for count, idx in by_count.items():
+    """Parsed token files -> RGB images at their original sizes (tiles reassembled; tiles with
+    the same token count decoded in batches)."""
+    tiles = [tf.tokens.reshape(-1, tf.tokens_per_tile) for tf in files]
+    decoded: list[list] = [[None] * len(t) for t in tiles]
+    by_count: dict[int, list[tuple[int, int]]] = {}
+    for i, t in enumerate(tiles):
+        for j in range(len(t)):
+            by_count.setdefault(t.shape[1], []).append((i, j))
+    for idx in by_count.values():
         for start in range(0, len(idx), BATCH):
             part = idx[start:start + BATCH]
-            ids = torch.from_numpy(np.stack([files[i].tokens for i in part]).astype(np.int64))
-            recon = tok.model.decode(ids)
-            for i, img in zip(part, recon):
-                im = to_image(img)
-                size = (files[i].width, files[i].height)
-                out[i] = im if im.size == size else im.resize(size, Image.BICUBIC)
-    return out  # type: ignore[return-value]
+            ids = torch.from_numpy(np.stack([tiles[i][j] for i, j in part]).astype(np.int64))
+            for (i, j), img in zip(part, tok.model.decode(ids)):
+                decoded[i][j] = img
+    out = []
+    for tf, imgs in zip(files, decoded):
+        if tf.version == 1:  # one resized image
+            im = to_image(imgs[0])
+            size = (tf.width, tf.height)
+            out.append(im if im.size == size else im.resize(size, Image.BICUBIC))
+        else:
+            out.append(assemble(torch.stack(imgs), tf.width, tf.height))
+    return out
 
 
-def parse_token_file(tok: LoadedTokenizer, path: Path) -> tokfile.TokenFile:
+class PriorLookup:
+    """decode_coded for tokfile.loads: the prior a coded file names, found once (the one given
+    with --prior, else a shipped one), or one line saying it is not here."""
+
+    def __init__(self, given: Optional[Path] = None):
+        self.given, self.found = given, {}
+
+    def __call__(self, hash24: int, payload: bytes, tiles: int, n: int) -> np.ndarray:
+        if hash24 not in self.found:
+            self.found[hash24] = prior_mod.prior_by_hash(hash24, self.given)
+        prior = self.found[hash24]
+        if prior is None:
+            raise tokfile.TokenFileError(
+                f"coded under token prior {hash24:06x}, which this tokctl does not have "
+                f"(give --prior FILE, the prior.pt that coded it)")
+        if n > prior.model.max_tokens:
+            raise tokfile.TokenFileError(f"holds {n} tokens a tile; its prior models at most "
+                                         f"{prior.model.max_tokens}")
+        return prior_mod.decode_ids(prior.model, payload, tiles, n)
+
+
+def read_token_bytes(tok: LoadedTokenizer, data: bytes,
+                     priors: Optional[PriorLookup] = None) -> tokfile.TokenFile:
+    """A token file's bytes -> its parsed, checked tokens (coded ids decoded under their prior)."""
+    return check_tokens(tok, tokfile.loads(data, tok.model.codebook_size, expect_hash=tok.hash,
+                                           tile_size=tok.model.image_size,
+                                           decode_coded=priors or PriorLookup()))
+
+
+def parse_token_file(tok: LoadedTokenizer, path: Path,
+                     priors: Optional[PriorLookup] = None) -> tokfile.TokenFile:
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise tokfile.TokenFileError(f"cannot read ({exc.strerror or exc})") from None
-    tf = tokfile.loads(data, tok.model.codebook_size, expect_hash=tok.hash)
-    if len(tf.tokens) == 0 or len(tf.tokens) > tok.model.max_tokens:
-        raise tokfile.TokenFileError(f"holds {len(tf.tokens)} tokens; this tokenizer decodes 1 to "
+    return read_token_bytes(tok, data, priors)
+
+
+def check_tokens(tok: LoadedTokenizer, tf: tokfile.TokenFile) -> tokfile.TokenFile:
+    n = tf.tokens_per_tile
+    if n == 0 or n > tok.model.max_tokens:
+        raise tokfile.TokenFileError(f"holds {n} tokens a tile; this tokenizer decodes 1 to "
                                      f"{tok.model.max_tokens}")
-    if not tok.model.variable_length and len(tf.tokens) != tok.model.max_tokens:
-        raise tokfile.TokenFileError(f"holds {len(tf.tokens)} tokens; {tok.name} needs all "
+    if not tok.model.variable_length and n != tok.model.max_tokens:
+        raise tokfile.TokenFileError(f"holds {n} tokens a tile; {tok.name} needs all "
                                      f"{tok.model.max_tokens}")
     if (tf.tokens >= tok.model.codebook_size).any():
         raise tokfile.TokenFileError("holds ids beyond this tokenizer's codebook")
@@ -108,16 +199,30 @@ TOKENIZER_HELP = ("Tokenizer file (.pt), train run folder, TiTok release folder,
                   "tokenizer by name: default (1D, One-D-Piece) or vq2d (2D grid).")
 
 
+PRIOR_HELP = ("Token prior (prior.pt from `tokctl tokenize-image prior train`, or its run "
+              "folder) that arithmetic-codes the ids; default: the shipped one for the tokenizer.")
+
+
 def encode_command(images: List[Path] = typer.Argument(..., help="Images to encode."),
                    out: Path = typer.Option(..., "--out", "-o", help="Folder for the .tok files."),
                    tokens: Optional[int] = typer.Option(None, "--tokens", "-n",
-                                                        help="Tokens per image (a prefix); "
+                                                        help="Tokens per tile (a prefix); "
                                                              "default: all."),
                    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t",
-                                                            help=TOKENIZER_HELP)) -> None:
-    """Encode images into token files (one IMAGE.tok per image)."""
+                                                            help=TOKENIZER_HELP),
+                   prior: Optional[Path] = typer.Option(None, "--prior", "-p", help=PRIOR_HELP),
+                   raw: bool = typer.Option(False, "--raw",
+                                            help="Plain ids (fixed bits each), no prior.")) -> None:
+    """Encode images of any size into token files (one IMAGE.tok per image): each image as tiles
+    of the tokenizer's input size, their ids arithmetic-coded under the token prior when there
+    is one for the tokenizer (else, or with --raw, plain bits)."""
     tok = load_tokenizer(tokenizer)
     n = check_budget(tok, tokens)
+    if raw and prior is not None:
+        raise UserError("--raw and --prior: choose one (plain ids, or ids coded under a prior)")
+    coder = None if raw else prior_mod.prior_for(tok.hash, prior)
+    if coder is not None and n > coder.model.max_tokens:
+        raise UserError(f"--tokens {n}: the prior models at most {coder.model.max_tokens} tokens")
     _make_out(out)
     opened, failed = [], 0
     for path in images:
@@ -129,7 +234,7 @@ def encode_command(images: List[Path] = typer.Argument(..., help="Images to enco
     taken: set[str] = set()
     for start in range(0, len(opened), BATCH):
         chunk = opened[start:start + BATCH]
-        for (path, _), data in zip(chunk, encode_images(tok, [im for _, im in chunk], n)):
+        for (path, _), data in zip(chunk, encode_images(tok, [im for _, im in chunk], n, coder)):
             target = _unique(out, path.stem, ".tok", taken)
             _write(target, data)
             console.print(f"{target}  {len(data)} bytes", soft_wrap=True, highlight=False)
@@ -152,18 +257,49 @@ def _maker_of(files: List[Path]) -> LoadedTokenizer:
     return load_tokenizer(None)
 
 
+def _original(folder: Path, stem: str) -> Optional[Path]:
+    hits = sorted(p for p in folder.glob(f"{glob.escape(stem)}.*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES)
+    return hits[0] if hits else None
+
+
+def side_by_side(original: Image.Image, decoded: Image.Image, gap: int = 4) -> Image.Image:
+    """The original on the left, the decoded image on the right, on white."""
+    w, h = decoded.size
+    canvas = Image.new("RGB", (2 * w + gap, h), (255, 255, 255))
+    canvas.paste(original if original.size == (w, h) else original.resize((w, h), Image.BICUBIC),
+                 (0, 0))
+    canvas.paste(decoded, (w + gap, 0))
+    return canvas
+
+
 def decode_command(files: List[Path] = typer.Argument(..., help="Token files to decode."),
                    out: Path = typer.Option(..., "--out", "-o", help="Folder for the PNGs."),
                    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t",
-                                                            help=TOKENIZER_HELP)) -> None:
-    """Decode token files into PNG images (one FILE.png per token file). Without --tokenizer,
-    the shipped tokenizer that made the first file decodes them all."""
+                                                            help=TOKENIZER_HELP),
+                   prior: Optional[Path] = typer.Option(None, "--prior", "-p",
+                                                        help="Token prior that coded the files "
+                                                             "(default: the shipped ones, found "
+                                                             "by the hash in each file)."),
+                   originals: Optional[Path] = typer.Option(
+                       None, "--side-by-side", metavar="FOLDER",
+                       help="Write each result beside its original: FOLDER/NAME.* for "
+                            "NAME.tok.")) -> None:
+    """Decode token files into PNG images at their original sizes (one FILE.png per token
+    file). Without --tokenizer, the shipped tokenizer that made the first file decodes them
+    all."""
     tok = load_tokenizer(tokenizer) if tokenizer is not None else _maker_of(files)
+    if prior is not None:
+        prior_mod.load_prior(prior)  # a missing or unreadable --prior: one line, before any work
+    if originals is not None and not originals.is_dir():
+        raise UserError(f"--side-by-side {originals}: no such folder (give the folder of the "
+                        f"original images)")
     _make_out(out)
+    lookup = PriorLookup(prior)
     parsed, failed = [], 0
     for path in files:
         try:
-            parsed.append((path, parse_token_file(tok, path)))
+            parsed.append((path, parse_token_file(tok, path, lookup)))
         except tokfile.TokenFileError as exc:
             _report(path, str(exc))
             failed += 1
@@ -171,9 +307,19 @@ def decode_command(files: List[Path] = typer.Argument(..., help="Token files to 
     for start in range(0, len(parsed), BATCH):
         chunk = parsed[start:start + BATCH]
         for (path, _), im in zip(chunk, decode_files(tok, [tf for _, tf in chunk])):
+            if originals is not None:
+                source = _original(originals, path.stem)
+                if source is None:
+                    _report(path, f"--side-by-side: no original {path.stem}.* in {originals}; "
+                                  f"wrote the decoded image alone")
+                    failed += 1
+                else:
+                    try:
+                        im = side_by_side(open_rgb(source), im)
+                    except UserError as exc:
+                        _report(path, str(exc))
+                        failed += 1
             target = _unique(out, path.stem, ".png", taken)
-            import io
-
             buf = io.BytesIO()
             im.save(buf, format="PNG")
             _write(target, buf.getvalue())

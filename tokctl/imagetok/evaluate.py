@@ -1,9 +1,10 @@
-"""`tokctl tokenize-image eval`: rate-distortion of tokenizers against JPEG and WebP.
+"""`tokctl tokenize-image eval`: rate-distortion of tokenizers against JPEG, WebP, AVIF, JPEG XL.
 
 For each tokenizer and token budget (8, 16, 32, ... up to its maximum for a variable-length
 tokenizer; its one length otherwise) every image goes through the real token file (written,
-read back, decoded), so the bytes counted are the file's exact size. JPEG and WebP are swept
-over their quality range and rate-controlled to the same byte budgets. Per codec and budget:
+read back, decoded), so the bytes counted are the file's exact size. The classical codecs
+(baselines.py) are swept over their quality range and rate-controlled to the same byte budgets;
+each one's floor (its smallest files) is reported too. Per codec and budget:
 bytes per image, PSNR, SSIM, MS-SSIM and rFID, in metrics.json and a rate-distortion PNG.
 """
 
@@ -17,7 +18,9 @@ from tokctl.console import console, err_console, progress_bar, step
 from tokctl.errors import UserError
 from tokctl.imagetok import baselines, fid, tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
-from tokctl.imagetok.codec import decode_files, encode_images
+from tokctl.imagetok import prior as prior_mod
+from tokctl.imagetok.codec import (PriorLookup, decode_files, encode_images, read_token_bytes,
+                                   smaller_file)
 from tokctl.imagetok.data import eval_images, to_image, to_tensor
 from tokctl.imagetok.models.base import prefix_budgets
 from tokctl.imagetok.losses import ms_ssim_per_image, psnr_per_image, ssim_per_image
@@ -51,19 +54,52 @@ def speeds(encoders: dict, decoders: dict, n_img: int, repeats: int) -> dict:
     for codec in encoders:
         out[codec] = {"encode_images_per_s": n_img / measure.median(enc[codec]),
                       "decode_images_per_s": n_img / measure.median(dec[codec])}
-        if codec not in baselines.CODECS:
+        if codec not in baselines.CODECS and "jpeg" in enc:
             out[codec]["vs_jpeg"] = {"encode": measure.compare(enc["jpeg"], enc[codec]),
                                      "decode": measure.compare(dec["jpeg"], dec[codec])}
     return out
+
+
+def _prior_of(cfg, tok, first: bool):
+    """The token prior that codes this tokenizer's files in eval: prior_path= for the first
+    tokenizer, else the shipped one for it; none with coded=false."""
+    if not cfg.get("coded", True):
+        return None
+    return prior_mod.prior_for(tok.hash, cfg.get("prior_path") if first else None)
+
+
+def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int) -> dict:
+    """Each image's token file as encode writes it with the prior (coded, or plain where that
+    is smaller): real sizes; bits per token of the coder's bytes (headers left out) against the
+    ideal -log2 p; how many files came out coded; whether every file decodes back to its ids."""
+    sizes, payload_bits, ideal, ok, n_coded = [], 0, 0.0, True, 0
+    lookup = PriorLookup(coder.path)
+    for t in tokens:
+        ids = np.ascontiguousarray(t[:, :n])
+        payload = prior_mod.encode_ids(coder.model, ids)
+        blob = smaller_file(tok, coder, size, size, ids, payload)
+        n_coded += tokfile.read_header(blob)[0].prior_hash is not None
+        sizes.append(len(blob))
+        payload_bits += 8 * len(payload)
+        probs = coder.model.coding_probabilities(ids, n)
+        ideal += float(prior_mod.ideal_bits(probs, ids).sum())
+        ok &= bool(np.array_equal(read_token_bytes(tok, blob, lookup).tokens, ids))
+    count = sum(t.shape[0] for t in tokens) * n
+    return {"sizes": sizes, "bits_per_token": payload_bits / count,
+            "ideal_bits_per_token": ideal / count, "round_trip": ok, "files_coded": n_coded}
 
 
 def run(cfg, run: Run) -> dict:
     kernels.reset_counts()
     paths = [cfg.tokenizer_path] + list(cfg.get("compare_with") or [])
     tokenizers = [load_tokenizer(p) for p in paths]
-    size = tokenizers[0].model.image_size
-    if any(t.model.image_size != size for t in tokenizers):
+    tile = tokenizers[0].model.image_size
+    if any(t.model.image_size != tile for t in tokenizers):
         raise UserError("compare_with: every tokenizer must work at the same image size")
+    # the images' size: the tokenizer's (one tile an image), or larger (tiles of it)
+    size = int(cfg.get("image_size") or tile)
+    if size < 8:
+        raise UserError(f"image_size={size}: give a side of at least 8 pixels (or null)")
     names, images, skipped = eval_images(cfg.data.path, size, cfg.data.get("limit"))
     n_img = len(names)
     if skipped:
@@ -72,9 +108,12 @@ def run(cfg, run: Run) -> dict:
                       f"images_skipped")
     # the originals as 8-bit pixels, as every codec sees them
     images = torch.stack([to_tensor(to_image(x)) for x in images])
-    run.update_env(eval_images=n_img, image_size=size, eval_names=names)
+    run.update_env(eval_images=n_img, image_size=size, tile_size=tile, eval_names=names)
     entries, tokenizer_info, curves = [], [], {}
     encoders, decoders = {}, {}  # per codec, timed together at the end
+    codecs, missing = baselines.check_codecs(cfg.get("codecs") or baselines.DEFAULT_CODECS)
+    for m in missing:
+        err_console.print(f"[yellow]warning:[/] classical codec left out: {m}", soft_wrap=True)
     want_rfid = bool(cfg.rfid)
     ref_feats = None
     if want_rfid:  # the slow part: say so, measured, and how to skip it
@@ -84,7 +123,8 @@ def run(cfg, run: Run) -> dict:
             ref_feats = fid.features(images)
         per_set = time.perf_counter() - t0
         sets = sum(len(token_budgets(t.model, cfg.budgets if i == 0 else None))
-                   for i, t in enumerate(tokenizers)) * 3  # tokenizers, then JPEG and WebP
+                   for i, t in enumerate(tokenizers)) * (2 + len(codecs))  # tokenizers (plain
+        # and coded: the same pixels, features taken again), then each classical codec
         left = per_set * sets
         err_console.print(f"[dim]rFID will take about "
                           f"{f'{left / 60:.0f} min' if left >= 90 else f'{left:.0f} s'} more here "
@@ -106,47 +146,80 @@ def run(cfg, run: Run) -> dict:
 
     total = sum(len(token_budgets(t.model, cfg.budgets if i == 0 else None))
                 for i, t in enumerate(tokenizers))
+    pil = [to_image(x) for x in images]
     with progress_bar("tokenizers", total) as advance:
         for i, tok in enumerate(tokenizers):
             label = tok.name if tok.name not in labels else f"{tok.name}-{i}"
             labels.append(label)
             model = tok.model
             budgets = token_budgets(model, cfg.budgets if i == 0 else None)
-            pil = [to_image(x) for x in images]
+            coder = _prior_of(cfg, tok, first=i == 0)
             model.quantizer.reset_usage()
             files_full = encode_images(tok, pil, model.max_tokens)
             usage = model.quantizer.usage()
-            tokens = [tokfile.loads(b, model.codebook_size, tok.hash).tokens for b in files_full]
+            tokens = [read_token_bytes(tok, b).tokens for b in files_full]  # (tiles, max) each
+            kind = tokfile.KINDS.get(tok.name, tokfile.OTHER_KIND)
             for n in budgets:
-                blobs = [tokfile.dumps(tokfile.TokenFile(tokfile.KINDS.get(tok.name, 31), tok.hash,
-                                                         size, size, t[:n]), model.codebook_size)
-                         for t in tokens]
-                parsed = [tokfile.loads(b, model.codebook_size, tok.hash) for b in blobs]
+                blobs = [tokfile.dumps(tokfile.TokenFile(kind, tok.hash, size, size, t[:, :n]),
+                                       model.codebook_size) for t in tokens]
+                parsed = [read_token_bytes(tok, b) for b in blobs]
                 decoded = decode_files(tok, parsed)
                 recon = torch.stack([to_tensor(im) for im in decoded])
                 # encode(decode(tokens)): how many of the kept tokens come back unchanged
-                again = model.encode(recon)[:, :n]
-                kept = torch.from_numpy(np.stack([t[:n] for t in tokens]))
-                agreement = float((again == kept).double().mean())
-                record(label, recon, [len(b) for b in blobs],
-                       {"tokens": n, "kind": "tokenizer", "reencode_agreement": agreement})
+                again = [read_token_bytes(tok, b).tokens[:, :n]
+                         for b in encode_images(tok, decoded, n)]
+                agreement = float(np.mean([(a == t[:, :n]).mean() for a, t in zip(again, tokens)]))
+                extra = {"tokens": n, "tiles": int(tokens[0].shape[0]), "kind": "tokenizer",
+                         "reencode_agreement": agreement,
+                         "bits_per_token": float(tokfile.bits_for(model.codebook_size))}
+                if coder is not None:
+                    coded = _coded(tok, coder, tokens, n, size)
+                    extra.update(coded_bytes_per_image=float(np.mean(coded["sizes"])),
+                                 coded_bits_per_token=coded["bits_per_token"])
+                entry = record(label, recon, [len(b) for b in blobs], extra)
+                if coder is not None:
+                    record(f"{label}+prior", recon, coded["sizes"],
+                           {**extra, "bits_per_token": coded["bits_per_token"],
+                            "ideal_bits_per_token": coded["ideal_bits_per_token"],
+                            "prior": f"{coder.hash:06x}", "coded_round_trip": coded["round_trip"],
+                            "files_coded": coded["files_coded"],
+                            "reencode_agreement": entry["reencode_agreement"]})
                 if n == model.max_tokens:
                     encoders[label] = (lambda tok=tok, pil=pil, n=n: encode_images(tok, pil, n))
                     decoders[label] = (lambda tok=tok, parsed=parsed: decode_files(tok, parsed))
+                    if coder is not None:  # through real coded files: coding and decoding the ids
+                        coded_files = encode_images(tok, pil, n, coder)
+                        lookup = PriorLookup(coder.path)
+                        encoders[f"{label}+prior"] = (
+                            lambda tok=tok, pil=pil, n=n, coder=coder: encode_images(tok, pil, n,
+                                                                                     coder))
+                        decoders[f"{label}+prior"] = (
+                            lambda tok=tok, files=coded_files, lookup=lookup: decode_files(
+                                tok, [read_token_bytes(tok, b, lookup) for b in files]))
                 advance(1, info=f"{label} {n} tokens")
+            if coder is not None:
+                labels.append(f"{label}+prior")
             tokenizer_info.append({"label": label, "path": str(tok.path), "hash": f"{tok.hash:06x}",
                                    "max_tokens": model.max_tokens,
                                    "codebook_size": model.codebook_size,
                                    "bits_per_token": tokfile.bits_for(model.codebook_size),
+                                   "prior": None if coder is None else
+                                   {"path": str(coder.path), "hash": f"{coder.hash:06x}",
+                                    "parameters": sum(p.numel() for p in coder.model.parameters())},
                                    "variable_length": model.variable_length,
                                    "parameters": sum(p.numel() for p in model.parameters()),
                                    "trained": tok.trained, "codebook_usage": usage})
 
-    # JPEG and WebP: every quality once, then rate control to each tokenizer byte budget
+    # the classical codecs: every quality once, then rate control to each tokenizer byte budget
     budgets_bytes = sorted({round(e["bytes_per_image"]) for e in entries})
-    with progress_bar("jpeg/webp", 2 * len(budgets_bytes)) as advance:
-        for codec in baselines.CODECS:
-            sweep = baselines.sweep(images, codec)
+    strength = {"webp": cfg.get("webp_method"), "avif": cfg.get("avif_speed"),
+                "jxl": cfg.get("jxl_effort")}
+    floors = {}
+    with progress_bar("classical codecs", len(codecs) * (n_img + len(budgets_bytes))) as advance:
+        for codec in codecs:
+            opts = baselines.options(codec, strength.get(codec))
+            sweep = baselines.sweep(images, codec, opts,
+                                    progress=lambda: advance(1, info=f"{codec} sweep"))
             curves[codec] = []
             for qi, q in enumerate(baselines.CODECS[codec]["qualities"]):
                 recon = torch.stack([rows[qi][2] for rows in sweep])
@@ -154,6 +227,11 @@ def run(cfg, run: Run) -> dict:
                 curves[codec].append({"quality": q, "bytes_per_image":
                                       float(np.mean([len(rows[qi][1]) for rows in sweep])),
                                       **{k: float(v.mean()) for k, v in qq.items()}})
+            # the floor: each image's smallest file (its lowest quality, or whichever is smaller)
+            _, sizes, recon, _ = baselines.at_budget(sweep, 0)
+            floors[codec] = {"bytes_per_image": float(np.mean(sizes)), "min_bytes": min(sizes),
+                             "max_bytes": max(sizes), "options": opts,
+                             **{k: float(v.mean()) for k, v in quality(recon, images).items()}}
             for budget in budgets_bytes:
                 qualities, sizes, recon, over = baselines.at_budget(sweep, budget)
                 record(codec, recon, sizes, {"bytes_target": budget, "over_budget": over,
@@ -161,8 +239,8 @@ def run(cfg, run: Run) -> dict:
                                              "quality_median": float(np.median(qualities))})
                 advance(1, info=f"{codec} {budget} B")
             mid = [rows[len(rows) // 2] for rows in sweep]
-            encoders[codec] = (lambda codec=codec, q=mid[0][0]: [
-                baselines.compress(to_image(x), codec, q) for x in images])
+            encoders[codec] = (lambda codec=codec, q=mid[0][0], opts=opts: [
+                baselines.compress(to_image(x), codec, q, opts) for x in images])
             decoders[codec] = (lambda mid=mid: [baselines.decompress(r[1]) for r in mid])
     speed = speeds(encoders, decoders, n_img, repeats)
 
@@ -172,14 +250,16 @@ def run(cfg, run: Run) -> dict:
     best = best_by_budget(entries)
     monotonic = {label: monotonic_in_tokens(entries, label) for label in labels}
     plot_rate_distortion(run.file("rate_distortion.png"), entries, curves, labels)
-    print_table(entries, best)
+    print_table(entries, best, floors)
     return {"images": n_img, "images_skipped": len(skipped), "skipped": skipped,
             "image_size": size, "tokenizers": tokenizer_info,
-            "entries": entries, "best_by_budget": best, "monotonic_in_tokens": monotonic,
+            "entries": entries, "floors": floors, "codecs_missing": missing,
+            "best_by_budget": best, "monotonic_in_tokens": monotonic,
             "speed": speed, "curves": curves, "threads": torch.get_num_threads(),
             "kernel": kernels.path_taken(),
-            "notes": "bytes = exact file sizes; JPEG optimize=True, WebP method=6, rate-controlled "
-                     "per image to the budget (over_budget = images whose lowest quality is "
+            "notes": "bytes = exact file sizes (headers and containers included); JPEG "
+                     "optimize=True, WebP method=6, AVIF at avif_speed, JPEG XL at jxl_effort, "
+                     "rate-controlled per image to the budget (over_budget = images whose lowest quality is "
                      "still larger, counted at their real size); MS-SSIM: 3 scales, window 7 "
                      "(64x64 images); rFID on the eval images only (small-sample)"}
 
@@ -190,8 +270,9 @@ def best_by_budget(entries: list[dict]) -> list[dict]:
     its target is not a candidate)."""
     out = []
     for budget in sorted({e["bytes_target"] for e in entries}):
+        # a tokenizer's target is its mean size rounded: it fits its own (coded sizes vary)
         cands = [e for e in entries if not e.get("over_budget") and e["bytes_target"] <= budget
-                 and e["bytes_per_image"] <= budget]
+                 and e["bytes_per_image"] <= budget + 0.5]
         if not cands:
             continue
         row = {"bytes_target": budget,
@@ -228,16 +309,25 @@ def plot_rate_distortion(path, entries, curves, labels) -> None:
                                  f"against JPEG and WebP on the eval images")
 
 
-def print_table(entries, best) -> None:
+def print_table(entries, best, floors=None) -> None:
     from rich.table import Table
 
     table = Table(title="rate-distortion (means over images)")
-    for col in ("codec", "tokens/q", "bytes", "PSNR", "SSIM", "MS-SSIM", "rFID"):
+    for col in ("codec", "tokens/q", "bytes", "bits/token", "PSNR", "SSIM", "MS-SSIM", "rFID"):
         table.add_column(col, justify="right")
     for e in sorted(entries, key=lambda e: (e["bytes_target"], e["codec"])):
         tq = str(e.get("tokens", "")) or f"q~{e.get('quality_median', 0):g}"
         over = f" ({e['over_budget']} over)" if e.get("over_budget") else ""
-        table.add_row(e["codec"], tq, f"{e['bytes_per_image']:.0f}{over}", f"{e['psnr']:.2f}",
+        bits = f"{e['bits_per_token']:.2f}" if "bits_per_token" in e else ""
+        table.add_row(e["codec"], tq, f"{e['bytes_per_image']:.0f}{over}", bits, f"{e['psnr']:.2f}",
                       f"{e['ssim']:.3f}", f"{e['ms_ssim']:.3f}",
                       "-" if e["rfid"] is None else f"{e['rfid']:.1f}")
     console.print(table)
+    if floors:
+        ft = Table(title="classical codecs' floors (each image's smallest file)")
+        for col in ("codec", "bytes", "min-max", "PSNR", "SSIM", "MS-SSIM"):
+            ft.add_column(col, justify="right")
+        for codec, f in floors.items():
+            ft.add_row(codec, f"{f['bytes_per_image']:.0f}", f"{f['min_bytes']}-{f['max_bytes']}",
+                       f"{f['psnr']:.2f}", f"{f['ssim']:.3f}", f"{f['ms_ssim']:.3f}")
+        console.print(ft)

@@ -1,19 +1,29 @@
-"""The token file: one image as a compact header and its token ids, bit-packed.
+"""The token file: one image as a compact header and its token ids, bit-packed or
+arithmetic-coded under a token prior.
 
-Layout (all integers big-endian; a "varint" is LEB128: 7 bits per byte, high bit = more follows)::
+Version 2 (written by encode): the image as tiles of the tokenizer's input size. Layout (all
+integers big-endian; a "varint" is LEB128: 7 bits per byte, high bit = more follows)::
 
     byte 0      magic 0xD1
-    byte 1      high 3 bits: format version (1); low 5 bits: tokenizer kind
-                (0 titok, 1 onedpiece, 2 flexnested, 3 vq2d, 31 other)
+    byte 1      high 3 bits: format version (2); bit 4: coded; low 4 bits: tokenizer kind
+                (0 titok, 1 onedpiece, 2 flexnested, 3 vq2d, 15 other)
     bytes 2-4   tokenizer hash: 24 bits of SHA-256 over the tokenizer's config and weights
-    varint      image width  (of the original image; decode resizes back to it)
+    bytes 5-7   coded files only: the hash of the prior that coded the ids (prior.py)
+    varint      image width
     varint      image height
-    varint      token count n
-    then        n ids, each ceil(log2(codebook size)) bits, most significant bit first,
-                the last byte padded with zero bits
+    varint      tokens per tile n
+    then        the ids of every tile: the image padded (edges repeated) to whole tiles of the
+                tokenizer's size S, ceil(W/S) x ceil(H/S) tiles in row-major order, n ids each.
+                Plain: each id in ceil(log2(codebook size)) bits, most significant bit first,
+                tile after tile, the last byte padded with zero bits. Coded: the range coder's
+                bytes to the end of the file (prior.encode_ids).
 
-A 64x64 image with n < 128 tokens has an 8-byte header; 48 tokens of a 4096-code tokenizer take
-72 more bytes. The file's size is the figure every rate-distortion table counts.
+Version 1 (still read): one tile, the whole image resized to the tokenizer's size (decode
+resizes back), byte 1's low 5 bits the kind (31 other), no coded bit, plain ids.
+
+A 64x64 image with n < 128 tokens has an 8-byte header (11 coded); 64 tokens of a 512-code
+tokenizer take 72 more bytes plain. The file's size is the figure every rate-distortion table
+counts.
 """
 
 from __future__ import annotations
@@ -23,9 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = 0xD1
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)
 KINDS = {"titok": 0, "onedpiece": 1, "flexnested": 2, "vq2d": 3}
-OTHER_KIND = 31
+OTHER_KIND = 15  # 31 in version 1 files
 
 
 class TokenFileError(ValueError):
@@ -38,11 +49,25 @@ class TokenFile:
     tokenizer_hash: int
     width: int
     height: int
-    tokens: np.ndarray  # int64 ids
+    tokens: np.ndarray  # int64 ids: (tiles, n) in version 2; (n,) in version 1 (one resized image)
+    prior_hash: int | None = None  # the prior that coded the ids; None: plain bits
 
     @property
     def kind_name(self) -> str:
         return next((k for k, v in KINDS.items() if v == self.kind), f"kind {self.kind}")
+
+    @property
+    def version(self) -> int:
+        return 1 if self.tokens.ndim == 1 else 2
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.tokens.shape[-1]
+
+
+def tile_grid(width: int, height: int, tile: int) -> tuple[int, int]:
+    """(columns, rows) of tiles covering a width x height image."""
+    return -(-width // tile), -(-height // tile)
 
 
 def _varint(value: int) -> bytes:
@@ -96,36 +121,79 @@ def bits_for(codebook_size: int) -> int:
     return max(1, int(codebook_size - 1).bit_length())
 
 
-def dumps(tf: TokenFile, codebook_size: int) -> bytes:
-    header = bytes([MAGIC, (VERSION << 5) | (tf.kind & 0x1F)]) + tf.tokenizer_hash.to_bytes(3, "big")
-    header += _varint(tf.width) + _varint(tf.height) + _varint(len(tf.tokens))
-    return header + pack_bits(tf.tokens, bits_for(codebook_size))
+def dumps(tf: TokenFile, codebook_size: int, coded: bytes | None = None) -> bytes:
+    """The file's bytes. Version 2 (2-D tokens): ``coded``, the range coder's bytes of the ids,
+    when ``tf.prior_hash`` is set; plain bits otherwise."""
+    if tf.tokens.ndim == 1:  # version 1: one resized image
+        header = bytes([MAGIC, (1 << 5) | (tf.kind & 0x1F)]) + tf.tokenizer_hash.to_bytes(3, "big")
+        header += _varint(tf.width) + _varint(tf.height) + _varint(len(tf.tokens))
+        return header + pack_bits(tf.tokens, bits_for(codebook_size))
+    is_coded = tf.prior_hash is not None
+    if is_coded != (coded is not None):
+        raise ValueError("a coded token file needs both its prior's hash and the coded bytes")
+    kind = tf.kind if tf.kind < OTHER_KIND else OTHER_KIND
+    header = bytes([MAGIC, (VERSION << 5) | (int(is_coded) << 4) | kind])
+    header += tf.tokenizer_hash.to_bytes(3, "big")
+    if is_coded:
+        header += int(tf.prior_hash).to_bytes(3, "big")
+    header += _varint(tf.width) + _varint(tf.height) + _varint(tf.tokens.shape[1])
+    return header + (coded if is_coded else pack_bits(tf.tokens.reshape(-1),
+                                                      bits_for(codebook_size)))
 
 
 def read_header(data: bytes) -> tuple[TokenFile, int, int]:
-    """The header's fields (tokens still empty), the token count, and where the ids start."""
+    """The header's fields (tokens still empty; prior_hash set for a coded file), the token
+    count per tile, and where the ids start."""
     if len(data) < 5:
         raise TokenFileError("truncated header" if data[:1] == bytes([MAGIC]) else
                              "not a token file (no 0xD1 magic byte)")
     if data[0] != MAGIC:
         raise TokenFileError("not a token file (no 0xD1 magic byte)")
-    version, kind = data[1] >> 5, data[1] & 0x1F
-    if version != VERSION:
-        raise TokenFileError(f"token file version {version}; this tokctl reads version {VERSION}")
+    version = data[1] >> 5
+    if version not in VERSIONS:
+        raise TokenFileError(f"token file version {version}; this tokctl reads versions "
+                             f"{', '.join(map(str, VERSIONS))}")
+    kind = data[1] & 0x1F if version == 1 else data[1] & 0x0F
+    is_coded = version == 2 and bool(data[1] & 0x10)
     hash24 = int.from_bytes(data[2:5], "big")
-    width, pos = _read_varint(data, 5)
+    pos, prior_hash = 5, None
+    if is_coded:
+        if len(data) < 8:
+            raise TokenFileError("truncated header")
+        prior_hash, pos = int.from_bytes(data[5:8], "big"), 8
+    width, pos = _read_varint(data, pos)
     height, pos = _read_varint(data, pos)
     n, pos = _read_varint(data, pos)
     if width == 0 or height == 0:
         raise TokenFileError("corrupt header (zero image size)")
-    return TokenFile(kind, hash24, width, height, np.zeros(0, dtype=np.int64)), n, pos
+    shape = (0,) if version == 1 else (0, n)
+    return TokenFile(kind, hash24, width, height, np.zeros(shape, dtype=np.int64), prior_hash), n, pos
 
 
-def loads(data: bytes, codebook_size: int, expect_hash: int | None = None) -> TokenFile:
+def loads(data: bytes, codebook_size: int, expect_hash: int | None = None,
+          tile_size: int | None = None, decode_coded=None) -> TokenFile:
+    """Parse a token file. Version 2 needs the tokenizer's ``tile_size``; a coded one needs
+    ``decode_coded(prior_hash, payload, tiles, n) -> (tiles, n) ids`` (it raises
+    TokenFileError when it does not have that prior)."""
     tf, n, pos = read_header(data)
     if expect_hash is not None and tf.tokenizer_hash != expect_hash:
         raise TokenFileError(f"made by another tokenizer ({tf.kind_name}, hash "
                              f"{tf.tokenizer_hash:06x}; this one is {expect_hash:06x})")
-    tf.tokens = unpack_bits(data[pos:], n, bits_for(codebook_size))
+    if tf.version == 1:
+        tf.tokens = unpack_bits(data[pos:], n, bits_for(codebook_size))
+        return tf
+    if tile_size is None:
+        raise ValueError("version 2 token files need the tokenizer's tile size to be read")
+    cols, rows = tile_grid(tf.width, tf.height, tile_size)
+    if cols * rows * n > 1 << 26:
+        raise TokenFileError(f"corrupt header ({tf.width}x{tf.height} image, {n} tokens a tile)")
+    if tf.prior_hash is None:
+        tf.tokens = unpack_bits(data[pos:], cols * rows * n,
+                                bits_for(codebook_size)).reshape(cols * rows, n)
+        return tf
+    if decode_coded is None:
+        raise TokenFileError(f"coded under prior {tf.prior_hash:06x}; no prior was given to "
+                             f"decode it")
+    tf.tokens = np.asarray(decode_coded(tf.prior_hash, data[pos:], cols * rows, n),
+                           dtype=np.int64).reshape(cols * rows, n)
     return tf
-

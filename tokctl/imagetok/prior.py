@@ -1,0 +1,252 @@
+"""A small autoregressive prior over a tokenizer's token sequences, and the arithmetic coding of
+token ids under it.
+
+The prior is a causal transformer over the code ids (a BOS id, then each token predicts the
+next), trained on the tokens of training crops (prior_train.py). A token file coded under it
+(tokfile version 2, ``coded``) holds a range-coder stream (``constriction``) of the ids, each
+coded with the prior's probability of it given the tokens before it in its tile; the file's
+header names the prior by a 24-bit hash of its config and weights.
+
+Arithmetic coding needs the encoder and decoder to compute the same probabilities bit for bit.
+Both run the same loop here (one token a step, a key/value cache, float64), on the same batch
+of tiles, so on one machine they agree exactly. Across machines float kernels differ in their
+last bits: the logits are rounded to multiples of 1/64 before the softmax, so a difference of
+~1e-14 changes a probability only when a logit lies within that distance of a rounding edge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokctl.errors import UserError
+
+FORMAT = "tokctl-imagetok-prior/1"
+LOGIT_GRID = 64.0  # logits are rounded to multiples of 1/LOGIT_GRID before coding
+
+
+class PriorBlock(nn.Module):
+    """Pre-norm causal self-attention block with an optional key/value cache (for coding)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+        b, s, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, w // self.heads).unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:  # one new position attends to every earlier one
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, s, w))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenPrior(nn.Module):
+    """p(t_i | t_<i) over ``vocab`` code ids for sequences of at most ``max_tokens``."""
+
+    def __init__(self, vocab: int, max_tokens: int, width: int = 128, layers: int = 3,
+                 heads: int = 4):
+        super().__init__()
+        self.vocab, self.max_tokens = int(vocab), int(max_tokens)
+        self.embed = nn.Embedding(self.vocab + 1, width)  # id ``vocab`` is BOS
+        self.pos = nn.Parameter(torch.randn(self.max_tokens, width) * 0.02)
+        self.blocks = nn.ModuleList(PriorBlock(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, self.vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, n) ids -> (B, n, vocab) logits; position i predicts token i from tokens < i."""
+        b, n = tokens.shape
+        bos = torch.full((b, 1), self.vocab, dtype=torch.long, device=tokens.device)
+        x = self.embed(torch.cat([bos, tokens[:, :-1]], 1)) + self.pos[:n]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def loss_bits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, n) -> (n,) mean bits per token at each position (cross-entropy in bits)."""
+        logits = self.forward(tokens)
+        ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+        return ce.mean(0) / np.log(2)
+
+    @torch.no_grad()
+    def coding_probabilities(self, tokens: np.ndarray | None, n: int,
+                             decode_step=None) -> np.ndarray:
+        """The probabilities the coder uses: (B, n, vocab) float64, computed one position at a
+        time with a cache, in float64, logits rounded to the grid. When encoding, ``tokens``
+        (B, n) are known; when decoding, ``decode_step(i, probs (B, vocab)) -> ids (B,)`` gives
+        each position's ids from its probabilities before the next step needs them."""
+        if n > self.max_tokens:
+            raise ValueError(f"{n} tokens; this prior models at most {self.max_tokens}")
+        model = self if next(self.parameters()).dtype == torch.float64 else _float64(self)
+        b = tokens.shape[0] if tokens is not None else decode_step.batch
+        caches = [[] for _ in model.blocks]
+        prev = torch.full((b, 1), model.vocab, dtype=torch.long)
+        out = np.zeros((b, n, model.vocab), dtype=np.float64)
+        for i in range(n):
+            x = model.embed(prev) + model.pos[i:i + 1]
+            for block, cache in zip(model.blocks, caches):
+                x = block(x, cache)
+            logits = model.head(model.norm(x))[:, 0]
+            logits = torch.round(logits * LOGIT_GRID) / LOGIT_GRID
+            probs = torch.softmax(logits, -1).numpy()
+            out[:, i] = probs
+            ids = tokens[:, i] if tokens is not None else decode_step(i, probs)
+            prev = torch.as_tensor(np.asarray(ids, dtype=np.int64)).view(b, 1)
+        return out
+
+
+def _float64(prior: TokenPrior) -> TokenPrior:
+    """A float64 copy of the prior, made once (coding runs in float64; priors that code are
+    loaded ones, whose weights do not change)."""
+    import copy
+
+    if "_float64" not in prior.__dict__:  # kept out of the module's registered children
+        prior.__dict__["_float64"] = copy.deepcopy(prior).double().eval()
+    return prior.__dict__["_float64"]
+
+
+# ------------------------------------------------------------------------------- coding (ids)
+def _model():
+    import constriction
+
+    return constriction.stream.model.Categorical(perfect=False)
+
+
+def encode_ids(prior: TokenPrior, tiles: np.ndarray) -> bytes:
+    """(T, n) ids of T tiles -> the range coder's bytes. Ids are coded position by position
+    (token i of every tile, then token i+1), the order the batched decoder needs them in."""
+    import constriction
+
+    tiles = np.asarray(tiles, dtype=np.int64)
+    probs = prior.coding_probabilities(tiles, tiles.shape[1])
+    enc = constriction.stream.queue.RangeEncoder()
+    model = _model()
+    for i in range(tiles.shape[1]):
+        enc.encode(np.ascontiguousarray(tiles[:, i], dtype=np.int32), model,
+                   np.ascontiguousarray(probs[:, i]))
+    # trailing zero bytes carry nothing: the decoder reads zeros past the end
+    return enc.get_compressed().astype(">u4").tobytes().rstrip(b"\0")
+
+
+def decode_ids(prior: TokenPrior, data: bytes, tiles: int, n: int) -> np.ndarray:
+    """The inverse of :func:`encode_ids`: (tiles, n) ids."""
+    import constriction
+
+    data = bytes(data) + b"\0" * (-len(data) % 4)
+    dec = constriction.stream.queue.RangeDecoder(
+        np.frombuffer(data, dtype=">u4").astype(np.uint32))
+    model = _model()
+    out = np.zeros((tiles, n), dtype=np.int64)
+
+    def step(i: int, probs: np.ndarray) -> np.ndarray:
+        out[:, i] = dec.decode(model, probs)
+        return out[:, i]
+
+    step.batch = tiles
+    prior.coding_probabilities(None, n, decode_step=step)
+    return out
+
+
+def ideal_bits(probs: np.ndarray, tiles: np.ndarray) -> np.ndarray:
+    """-log2 p of each id under the coding probabilities: (T, n) bits."""
+    t, n = tiles.shape
+    return -np.log2(probs[np.arange(t)[:, None], np.arange(n)[None, :], tiles])
+
+
+# ------------------------------------------------------------------------------------- files
+def prior_hash(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> int:
+    from tokctl.imagetok.checkpoint import tokenizer_hash
+
+    return tokenizer_hash({"prior": config}, state_dict)
+
+
+class LoadedPrior:
+    def __init__(self, model: TokenPrior, config: dict, hash24: int, tokenizer_hash: int,
+                 path: Path, trained: dict):
+        self.model, self.config, self.hash, self.path, self.trained = model, config, hash24, path, trained
+        self.tokenizer_hash = tokenizer_hash
+
+
+def build_prior(config: dict[str, Any]) -> TokenPrior:
+    return TokenPrior(**{k: v for k, v in config.items() if k != "name"})
+
+
+def save_prior(path: Path | str, model: TokenPrior, config: dict, tokenizer_hash: int,
+               trained: dict) -> None:
+    from tokctl.runs import atomic_torch_save
+
+    state = {k: (v.half() if v.is_floating_point() else v).clone()
+             for k, v in model.state_dict().items()}
+    atomic_torch_save({"format": FORMAT, "prior": config, "tokenizer_hash": int(tokenizer_hash),
+                       "state_dict": state, "trained": trained}, path)
+
+
+def load_prior(path: Path | str) -> LoadedPrior:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "prior.pt"
+    if not path.exists():
+        raise UserError(f"{path}: no such prior file (give a prior.pt from `tokctl tokenize-image "
+                        f"prior train` or its run folder)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{path}: not a readable prior file ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path}: not a tokctl token prior ({FORMAT} expected)")
+    model = build_prior(payload["prior"])
+    # the shipped fp16 weights, widened: the hash and the coding probabilities both follow them
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in payload["state_dict"].items()})
+    model.eval()
+    return LoadedPrior(model, payload["prior"], prior_hash(payload["prior"], payload["state_dict"]),
+                       payload["tokenizer_hash"], path, payload.get("trained", {}))
+
+
+def shipped_priors() -> list[Path]:
+    from tokctl.imagetok.checkpoint import WEIGHTS_DIR
+
+    return sorted(WEIGHTS_DIR.glob("*.prior.pt"))
+
+
+def prior_for(tokenizer_hash: int, path: Path | str | None = None) -> LoadedPrior | None:
+    """The prior given (it must be for this tokenizer), else the shipped one for it, else None."""
+    if path is not None:
+        prior = load_prior(path)
+        if prior.tokenizer_hash != tokenizer_hash:
+            raise UserError(f"--prior {path}: trained on another tokenizer's tokens (hash "
+                            f"{prior.tokenizer_hash:06x}; this tokenizer is {tokenizer_hash:06x})")
+        return prior
+    for p in shipped_priors():
+        prior = load_prior(p)
+        if prior.tokenizer_hash == tokenizer_hash:
+            return prior
+    return None
+
+
+def prior_by_hash(hash24: int, given: Path | str | None = None) -> LoadedPrior | None:
+    """The prior whose hash a coded file names: the one given, or a shipped one."""
+    for p in ([Path(given)] if given is not None else []) + shipped_priors():
+        prior = load_prior(p)
+        if prior.hash == hash24:
+            return prior
+    return None

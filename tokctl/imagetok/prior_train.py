@@ -1,0 +1,153 @@
+"""`tokctl tokenize-image prior train`: the token prior (prior.py) for one tokenizer, trained on
+the tokens of random training crops (the same photos and crops as tokenizer training).
+
+First the tokens: ``data.crops`` crops are encoded once by the tokenizer and kept in the run
+folder (``tokens.pt``, with ``data.val_crops`` more from another seed for validation); then the
+prior learns them by next-token cross-entropy (AdamW, warm-up then cosine). ``checkpoint.pt``
+every ``train.checkpoint_every`` steps and on an interruption; ``resume=RUN_DIR`` continues in a
+new run folder from its checkpoint and tokens. ``prior.pt`` (fp16) is written at the end: copy it
+to tokctl/imagetok/weights/NAME.prior.pt to ship it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from tokctl.console import progress_bar
+from tokctl.errors import UserError
+from tokctl.imagetok.checkpoint import load_tokenizer
+from tokctl.imagetok.data import CropSampler
+from tokctl.imagetok.prior import FORMAT, build_prior, save_prior
+from tokctl.imagetok.tokfile import bits_for
+from tokctl.runs import Run, atomic_torch_save
+
+
+def _lr(step: int, t) -> float:
+    if step < t.lr_warmup_steps:
+        return t.lr * (step + 1) / t.lr_warmup_steps
+    frac = min(1.0, (step - t.lr_warmup_steps) / max(1, t.steps - t.lr_warmup_steps))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def crop_tokens(tok, sampler: CropSampler, n: int, advance=None, batch: int = 64) -> torch.Tensor:
+    out = []
+    while sum(len(o) for o in out) < n:
+        images = sampler.batch(min(batch, n - sum(len(o) for o in out)))
+        out.append(tok.model.encode(images))
+        if advance:
+            advance(len(images))
+    return torch.cat(out).to(torch.int16 if tok.model.codebook_size < 2 ** 15 else torch.int64)
+
+
+def _load_checkpoint(path: str) -> dict:
+    p = Path(path)
+    p = p / "checkpoint.pt" if p.is_dir() else p
+    if not p.exists():
+        raise UserError(f"resume={path}: no checkpoint.pt there (give a prior train run folder)")
+    state = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "optimizer" not in state:
+        raise UserError(f"resume={path}: not a tokctl prior training checkpoint")
+    return state
+
+
+def run(cfg, run: Run) -> dict:
+    t = cfg.train
+    resume = _load_checkpoint(cfg.resume) if cfg.get("resume") else None
+    tok = load_tokenizer(resume["tokenizer_path"] if resume else cfg.tokenizer_path)
+    if resume and tok.hash != resume["tokenizer_hash"]:
+        raise UserError(f"resume={cfg.resume}: its tokenizer {resume['tokenizer_path']} has "
+                        f"changed since (hash {tok.hash:06x}, was {resume['tokenizer_hash']:06x})")
+    model_cfg = resume["prior"] if resume else {
+        "vocab": tok.model.codebook_size, "max_tokens": tok.model.max_tokens,
+        **OmegaConf.to_container(cfg.prior, resolve=True)}
+    prior = build_prior(model_cfg)
+    if resume:
+        train_tokens, val_tokens = resume["train_tokens"], resume["val_tokens"]
+    else:
+        size = tok.model.image_size
+        sampler = CropSampler(list(cfg.data.folders), size, max_side=int(cfg.data.max_side),
+                              seed=int(cfg.seed), grayscale=float(cfg.data.get("grayscale") or 0))
+        val_sampler = CropSampler([], size, seed=12345, photos=sampler.photos)
+        n, nv = int(cfg.data.crops), int(cfg.data.val_crops)
+        with progress_bar("tokens of training crops", n + nv) as advance:
+            train_tokens = crop_tokens(tok, sampler, n, advance)
+            val_tokens = crop_tokens(tok, val_sampler, nv, advance)
+        run.update_env(photos=len(sampler.photos))
+    opt = torch.optim.AdamW(prior.parameters(), lr=t.lr, betas=(0.9, 0.98),
+                            weight_decay=t.weight_decay)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    step = 0
+    if resume:
+        prior.load_state_dict(resume["state_dict"])
+        opt.load_state_dict(resume["optimizer"])
+        step = resume["step"]
+        gen.set_state(resume["generator"])
+    raw_bits = bits_for(tok.model.codebook_size)
+    n_params = sum(p.numel() for p in prior.parameters())
+    run.update_env(tokenizer=str(tok.path), tokenizer_hash=f"{tok.hash:06x}", parameters=n_params,
+                   train_crops=len(train_tokens), val_crops=len(val_tokens),
+                   resumed_from=cfg.get("resume"))
+
+    def checkpoint() -> None:
+        atomic_torch_save({"format": FORMAT, "prior": model_cfg, "state_dict": prior.state_dict(),
+                           "optimizer": opt.state_dict(), "step": step,
+                           "generator": gen.get_state(), "tokenizer_path": str(tok.path),
+                           "tokenizer_hash": tok.hash, "train_tokens": train_tokens,
+                           "val_tokens": val_tokens}, run.file("checkpoint.pt"))
+
+    @torch.no_grad()
+    def validate() -> dict:
+        prior.eval()
+        bits = torch.stack([prior.loss_bits(v.long()) for v in val_tokens.split(256)]).mean(0)
+        prior.train()
+        out = {"val_bits_per_token": float(bits.mean()), "raw_bits_per_token": raw_bits}
+        for n in (8, 16, 32, 64, 128):
+            if n <= len(bits):
+                out[f"val_bits@{n}"] = float(bits[:n].mean())
+        return out
+
+    if not resume:  # the tokens cost minutes: a checkpoint keeps them from the start
+        checkpoint()
+    last: dict = {}
+    start = time.perf_counter()
+    prior.train()
+    try:
+        with progress_bar("train token prior", int(t.steps)) as advance:
+            advance(step)
+            while step < t.steps:
+                for g in opt.param_groups:
+                    g["lr"] = _lr(step, t)
+                idx = torch.randint(len(train_tokens), (int(t.batch_size),), generator=gen)
+                loss = prior.loss_bits(train_tokens[idx].long()).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(prior.parameters(), t.grad_clip)
+                opt.step()
+                step += 1
+                advance(1, info=f"{float(loss.detach()):.3f} bits/token")
+                if step % t.log_every == 0 or step == t.steps:
+                    row = {"step": step, "train_bits_per_token": float(loss.detach()),
+                           "lr": opt.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - start}
+                    if step % t.val_every == 0 or step == t.steps:
+                        last = validate()
+                        row.update(last)
+                    run.append_sample(row)
+                if step % t.checkpoint_every == 0:
+                    checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+    checkpoint()
+    last = last or validate()
+    save_prior(run.file("prior.pt"), prior.eval(), model_cfg, tok.hash,
+               {"steps": step, "train_crops": len(train_tokens), "command": " ".join(sys.argv)})
+    return {"steps": step, "parameters": n_params, "tokenizer_hash": f"{tok.hash:06x}",
+            "train_crops": len(train_tokens), **last}
