@@ -149,15 +149,6 @@ def test_too_long_prompt_fails_that_sample_only(tiny_lm_dir, tmp_path):
     assert metrics["failed_samples"] == 1 and metrics["num_samples"] == 1
 
 
-def test_unbuilt_command_says_so(monkeypatch):
-    from tokctl import jobs
-    from tokctl.jobs import Job
-
-    monkeypatch.setitem(jobs.JOBS, "decode", Job("decode", "decode", "decode", None, "x"))
-    code, out = tokctl("decode")
-    assert code == 2 and "not built yet" in one_error_line(out)
-
-
 def test_ctrl_c_keeps_finished_samples(tiny_lm_dir, tmp_path):
     """A real process, a real SIGINT: status interrupted, every finished line intact."""
     f = tmp_path / "p.jsonl"
