@@ -166,8 +166,10 @@ class FastTarget(Target):
         self.cache = self.fast.new_cache(1024)
         self.compiled = bool(compile)
         self.exact = bool(exact)
+        self.max_block = None  # the most tokens one step may take and keep its shape
         if self.exact:
             self.buckets = (int(exact_block),)
+            self.max_block = int(exact_block)
         else:
             self.buckets = fast_llama.BUCKETS if self.compiled else None
         self._step = (compile_step(self.fast.step, self.device, backend=compile_backend)
