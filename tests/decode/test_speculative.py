@@ -226,3 +226,14 @@ def test_kseq_rho_keeps_the_residual_a_distribution():
         beta = float(a.sum())
         assert 1.0 <= rho <= k
         assert (p - a * (1 - (1 - beta) ** k) / beta >= -1e-6).all()
+
+
+def test_cap_keeps_a_closed_tree_for_batch_invariant_targets():
+    from tokctl.decode.speculative import _cap
+
+    d = Draft()
+    for t, p in [(5, -1), (6, 0), (7, -1), (8, 1), (9, 2)]:
+        d.add(t, p)
+    capped = _cap(d, 4, Sampling())
+    assert capped.tokens == [5, 6, 7] and capped.parents == [-1, 0, -1]
+    assert _cap(d, None, Sampling()) is d and _cap(d, 6, Sampling()) is d

@@ -220,6 +220,7 @@ class SpeculativeMethod(DecodingMethod):
             # A draft may not run past the context or ask for more than max_new_tokens needs; the
             # bonus token after the accepted path takes the last free slot.
             draft = _clip(draft, min(room, settings.max_new_tokens) - len(out) - 1)
+            draft = _cap(draft, getattr(target, "max_block", None), settings.sampling)
             tree_tokens = [tokens[-1]] + draft.tokens
             tree_parents = [-1] + [p + 1 if p >= 0 else 0 for p in draft.parents]
             logits = target.forward(tree_tokens, tree_parents)
@@ -236,6 +237,21 @@ class SpeculativeMethod(DecodingMethod):
                           accepted_per_step=accepted_per_step,
                           extra={"mean_draft_size": (sum(draft_sizes) / len(draft_sizes))
                                  if draft_sizes else 0.0})
+
+
+def _cap(draft: Draft, max_block: int | None, sampling: Sampling) -> Draft:
+    """Keep the first ``max_block - 1`` nodes (with the root, one block of a batch-invariant
+    target: a larger tree would run in another shape and round differently). Parents precede
+    children, so a prefix of the nodes is a tree. Drafts whose sampled draws a cut could orphan
+    are left whole."""
+    if not max_block or len(draft) < max_block:
+        return draft
+    if not (sampling.greedy or draft.scheme == DETERMINISTIC):
+        return draft
+    out = Draft(scheme=draft.scheme)
+    for t, p in zip(draft.tokens[: max_block - 1], draft.parents[: max_block - 1]):
+        out.add(t, p)
+    return out
 
 
 def _clip(draft: Draft, max_depth: int) -> Draft:

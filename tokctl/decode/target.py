@@ -138,14 +138,14 @@ def compile_step(step, device: torch.device, freeze: bool = True, backend: str =
     the CPU (with weight freezing, which lets it prepack the linear layers' weights once instead
     of every call), CUDA graphs on a GPU (``reduce-overhead``)."""
     _configure_dynamo()
-    if device.type == "cpu" and freeze:
-        import torch._inductor.config as ic
-
-        ic.freezing = True
-    mode = "reduce-overhead" if device.type == "cuda" else None
     if backend != "inductor":
         return torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
-    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+    if device.type == "cuda":
+        return torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    # Freezing for this compile only: set globally it would also freeze HF generate's compiled
+    # static cache (a module buffer) into a constant, which then indexes out of bounds.
+    return torch.compile(step, fullgraph=True, dynamic=False,
+                         options={"freezing": True} if freeze else None)
 
 
 class FastTarget(Target):
@@ -166,8 +166,10 @@ class FastTarget(Target):
         self.cache = self.fast.new_cache(1024)
         self.compiled = bool(compile)
         self.exact = bool(exact)
+        self.max_block = None  # the most tokens one step may take and keep its shape
         if self.exact:
             self.buckets = (int(exact_block),)
+            self.max_block = int(exact_block)
         else:
             self.buckets = fast_llama.BUCKETS if self.compiled else None
         self._step = (compile_step(self.fast.step, self.device, backend=compile_backend)
