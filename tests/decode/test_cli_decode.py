@@ -150,8 +150,6 @@ def test_too_long_prompt_fails_that_sample_only(tiny_lm_dir, tmp_path):
     assert metrics["failed_samples"] == 1 and metrics["num_samples"] == 1
 
 
-
-
 def test_ctrl_c_keeps_finished_samples(tiny_lm_dir, tmp_path):
     """A real process, a real SIGINT: status interrupted, every finished line intact."""
     f = tmp_path / "p.jsonl"
