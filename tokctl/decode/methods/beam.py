@@ -10,6 +10,7 @@ import torch
 
 from tokctl.decode.base import DecodingMethod, Generation
 from tokctl.decode.sampling import Settings
+from tokctl.errors import UserError
 
 
 class BeamSearch(DecodingMethod):
@@ -17,7 +18,7 @@ class BeamSearch(DecodingMethod):
 
     def __init__(self, k: int = 3, length_penalty: float = 1.0):
         if int(k) < 1:
-            raise ValueError(f"k={k}: the beam width must be at least 1")
+            raise UserError(f"k={k}: the beam width must be at least 1")
         self.k = int(k)
         self.length_penalty = float(length_penalty)
 

@@ -11,6 +11,7 @@ import torch
 
 from tokctl.decode.base import DecodingMethod, Generation
 from tokctl.decode.sampling import Settings
+from tokctl.errors import UserError
 
 
 class HFGenerate(DecodingMethod):
@@ -18,7 +19,7 @@ class HFGenerate(DecodingMethod):
 
     def __init__(self, cache: str = "dynamic"):
         if cache not in ("dynamic", "static"):
-            raise ValueError(f"cache={cache} must be dynamic or static")
+            raise UserError(f"method.cache={cache}: choose dynamic or static")
         self.cache = cache
 
     def setup(self, target, loaded) -> None:

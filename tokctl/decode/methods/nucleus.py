@@ -12,6 +12,7 @@ import torch
 from tokctl.decode.base import DecodingMethod, Generation
 from tokctl.decode.methods.ar import Autoregressive
 from tokctl.decode.sampling import Settings
+from tokctl.errors import UserError
 
 
 class NucleusSamples(DecodingMethod):
@@ -19,7 +20,7 @@ class NucleusSamples(DecodingMethod):
 
     def __init__(self, k: int = 3):
         if int(k) < 1:
-            raise ValueError(f"k={k}: the number of samples must be at least 1")
+            raise UserError(f"k={k}: the number of samples must be at least 1")
         self.k = int(k)
         self.ar = Autoregressive()
 

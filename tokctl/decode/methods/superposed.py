@@ -40,14 +40,14 @@ class SuperposedDecoding(DecodingMethod):
                  temperature: float = 0.06, candidates: int = 9,
                  ngram_weights=PAPER_WEIGHTS, ngram_n: int | None = None, penalty: float = 200.0):
         if int(k) < 1:
-            raise ValueError(f"k={k}: the number of drafts must be at least 1")
+            raise UserError(f"k={k}: the number of drafts must be at least 1")
         if not 0 <= float(alpha) <= 1:
-            raise ValueError(f"alpha={alpha} must be in [0, 1] (the n-gram model's weight)")
+            raise UserError(f"alpha={alpha} must be in [0, 1] (the n-gram model's weight)")
         if float(temperature) <= 0:
-            raise ValueError(f"temperature={temperature} must be > 0 (it sharpens the LM's "
+            raise UserError(f"temperature={temperature} must be > 0 (it sharpens the LM's "
                              f"distribution before the candidates are taken)")
         if int(candidates) < 1:
-            raise ValueError(f"candidates={candidates} must be at least 1")
+            raise UserError(f"candidates={candidates} must be at least 1")
         self.k = int(k)
         self.ngram_path = ngram
         self.alpha = float(alpha)
