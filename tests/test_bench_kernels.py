@@ -127,6 +127,7 @@ def test_tolerances(bench):
 
 def test_main_reports_failures_in_its_exit_status(bench, dummy_kernels, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TOKCTL_TRITON", "1")  # --cpu-dry-run sets it: undone after this test
     code = bench.main(["--cpu-dry-run", "--package", dummy_kernels, "--only", "agrees"])
     assert code == 0
     assert "37x5 fp32" in capsys.readouterr().out

@@ -83,16 +83,16 @@ def test_a_key_added_to_a_yaml_is_typed_with_no_other_edit(tmp_path, monkeypatch
     conf = tmp_path / "conf"
     shutil.copytree(conf_root(), conf)
     (conf / "decode" / "decode.yaml").write_text(
-        (conf / "decode" / "decode.yaml").read_text() + "compile: false\n")
+        (conf / "decode" / "decode.yaml").read_text() + "new_knob: false\n")
     (conf / "decode" / "method" / "newm.yaml").write_text(
         "_target_: x.Y\nname: newm\nwidth: 3\nmode: fast  #: fast | slow\n")
     monkeypatch.setenv("TOKCTL_CONF_DIR", str(conf))
-    cfg = compose("decode", "decode", ["compile=true", "method=newm", "method.width=5",
+    cfg = compose("decode", "decode", ["new_knob=true", "method=newm", "method.width=5",
                                        "method.mode=slow"])
-    assert cfg.compile is True and cfg.method.width == 5
+    assert cfg.new_knob is True and cfg.method.width == 5
     # ++key=value adds a key no YAML declares, on purpose (a job of your own, a test job)
     assert compose("decode", "decode", ["++my_job_knob=3"]).my_job_knob == 3
-    for bad, needle in [("compile=maybe", "true or false"), ("method.width=wide", "an int"),
+    for bad, needle in [("new_knob=maybe", "true or false"), ("method.width=wide", "an int"),
                         ("method.mode=fsat", "did you mean method.mode=fast?"),
                         ("method.widht=4", "did you mean method.width?")]:
         with pytest.raises(UserError, match=needle.replace("?", r"\?")):

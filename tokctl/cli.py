@@ -237,10 +237,11 @@ def _refuse_unknown_action(top: str, jobs: dict[str, Job], args: list[str],
 
     actions = [a for a in jobs if a] + [a.split(" ", 1)[1] for a in FILE_ACTIONS
                                          if a.startswith(top + " ")]
-    if actions and may_be_action:
-        _fail(f"no action {args[0]!r} in `tokctl {top}`; {did_you_mean(args[0], actions)}"
-              f"(actions: {', '.join(actions)})")
-    _fail(f"{args[0]!r} is not an override: `tokctl {top}` takes key=value overrides "
+    hint = did_you_mean(args[0], actions) if actions and may_be_action else ""
+    if hint:
+        _fail(f"no action {args[0]!r} in `tokctl {top}`; {hint}(actions: {', '.join(actions)})")
+    listing = f", or one of its actions ({', '.join(actions)})" if actions else ""
+    _fail(f"{args[0]!r} is not an override: `tokctl {top}` takes key=value overrides{listing} "
           f"(see tokctl {top} --help)")
 
 

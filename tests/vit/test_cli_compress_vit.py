@@ -47,7 +47,7 @@ def test_half_precision_run_records_its_placement(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["method.r=-3"], "method.r=-3 must be >= 0"),
+    (["method.r=-3"], "method.r=-3: expected an int >= 0"),
     (["compile=true", "method=evit"], "has no fused block to compile"),
     (["data=folder", "data.path=EMPTY"], "holds no images"),
     (["model=hf", "model.path=BERT"], "not a ViT-family encoder"),

@@ -132,8 +132,6 @@ def tree_attention(q, k, v, allowed):
 
 def bench_cases(device: str):
     """Verification of a 64-node tree over a 2k-token cache, SmolLM2-135M's and Llama-8B's heads."""
-    from tokctl.models.fast_llama import tree_ancestors
-
     cases = []
     for label, heads, kv_heads, dim, prefix, n in [("smollm2 H9/3 D64 P2048 n64", 9, 3, 64, 2048, 64),
                                                    ("llama8b H32/8 D128 P2048 n64", 32, 8, 128, 2048, 64)]:
@@ -141,8 +139,10 @@ def bench_cases(device: str):
         q = torch.randn(heads, n, dim, device=device, generator=g, dtype=torch.bfloat16)
         k = torch.randn(kv_heads, prefix + n, dim, device=device, generator=g, dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        parents = torch.arange(n) // 2 - 1  # a binary tree
-        mask = allowed_mask(prefix, tree_ancestors(parents)).to(device)
+        ancestors = torch.eye(n, dtype=torch.bool)  # a binary tree: node i's parent is (i+1)//2-1
+        for i in range(1, n):
+            ancestors[i] |= ancestors[(i + 1) // 2 - 1]
+        mask = allowed_mask(prefix, ancestors).to(device)
         cases.append((label, lambda q=q, k=k, v=v, m=mask: tree_attention_triton(q, k, v, m),
                       lambda q=q, k=k, v=v, m=mask: tree_attention_ref(q, k, v, m)))
     return cases
