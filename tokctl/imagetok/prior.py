@@ -25,24 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokctl.errors import UserError
+from tokctl.imagetok.layers import Block
 
 FORMAT = "tokctl-imagetok-prior/1"
 LOGIT_GRID = 64.0  # logits are rounded to multiples of 1/LOGIT_GRID before coding
 
 
-class PriorBlock(nn.Module):
-    """Pre-norm causal self-attention block with an optional key/value cache (for coding)."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
-                                 nn.Linear(hidden, width))
+class PriorBlock(Block):
+    """The tokenizers' pre-norm block (same weights), run causally with an optional key/value
+    cache (for coding one position at a time)."""
 
     def forward(self, x: torch.Tensor, cache: list | None = None) -> torch.Tensor:
         b, s, w = x.shape
