@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from tokctl.decode.base import DecodingMethod, Generation
+from tokctl.decode.base import Generation
+from tokctl.decode.methods.hf import HFGenerate
 from tokctl.decode.sampling import Settings
 from tokctl.errors import UserError
 
 
-class BeamSearch(DecodingMethod):
+class BeamSearch(HFGenerate):
+    """Hugging Face ``generate`` like ``method=hf`` (its setup: the model and pad id), with beams."""
+
     name = "beam"
 
     def __init__(self, k: int = 3, length_penalty: float = 1.0):
@@ -21,11 +24,6 @@ class BeamSearch(DecodingMethod):
             raise UserError(f"k={k}: the beam width must be at least 1")
         self.k = int(k)
         self.length_penalty = float(length_penalty)
-
-    def setup(self, target, loaded) -> None:
-        super().setup(target, loaded)
-        self.model = loaded.model
-        self.pad_id = loaded.tokenizer.pad_token_id
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], settings: Settings,
