@@ -3,7 +3,7 @@ against compiled, in each dtype and weight format, interleaved in one process; t
 bandwidth and the weight bytes a step reads (the memory-bound floor of a one-token step).
 
     python bench/engine_cost.py [--model smollm2-135m | --arch tiny] [--dtypes float32 bfloat16]
-        [--quant none int8] [--variants eager compiled] [--sizes 1 2 4 8 16 32 64] [--json F]
+        [--quant none int8 packed] [--variants eager compiled] [--sizes 1 2 4 8 16 32 64] [--json F]
 
 Sizes round-robin inside each round and variants alternate inside each size, so the drift of a
 shared machine hits all alike; the median of ``--rounds`` after one warm-up round (which also
@@ -49,7 +49,7 @@ def sync(device) -> None:
 def load(args, dtype: str, quant: str):
     import torch
 
-    from tokctl.models.quant import quantize
+    from tokctl.models.quant import prepack, quantize
 
     if args.arch:
         sys.path.insert(0, str(ROOT / "bench"))
@@ -67,6 +67,8 @@ def load(args, dtype: str, quant: str):
         cfg.dtype, cfg.device = dtype, args.device
         loaded = load_causal_lm(cfg)
         model, source = loaded.model, loaded.source
+    if quant == "packed":  # bf16 weights in oneDNN's layout (model.prepack)
+        return prepack(model), source
     return quantize(model, quant), source
 
 
@@ -101,7 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default=None, help="a random architecture from bench/gpu_decode.py")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--quant", nargs="+", default=["none"])
+    ap.add_argument("--quant", nargs="+", default=["none"],
+                    help="weight formats: none, int8, packed (bf16 prepacked, model.prepack)")
     ap.add_argument("--variants", nargs="+", default=["eager", "compiled"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--prefix", type=int, default=160)

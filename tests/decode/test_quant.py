@@ -1,10 +1,13 @@
-"""Weight-only int8: close to the float layer, and the lean forward runs the same int8 model as HF."""
+"""Weight formats: int8 close to the float layer and run by the lean forward as by HF; prepacked
+bf16 the same product, batch-invariant."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokctl.decode.target import FastTarget
-from tokctl.models.quant import Int8Linear, quantize, weight_bytes
+from tokctl.models.quant import (Int8Linear, PackedLinear, prepack, prepack_applies, quantize,
+                                 weight_bytes)
 
 
 def test_int8_linear_is_close_to_the_float_layer():
@@ -32,3 +35,51 @@ def test_quantized_model_matches_hf_forward_and_reads_fewer_bytes():
     torch.testing.assert_close(t.prefill(ids[:8]), ref[7], atol=1e-4, rtol=1e-4)
     out = t.forward(ids[8:12].tolist(), [-1, 0, 1, 2])
     torch.testing.assert_close(out, ref[8:12], atol=1e-4, rtol=1e-4)
+
+
+def _bf16_llama(vocab=3001, hidden=96, layers=2):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=6, num_key_value_heads=2,
+                      max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval().to(torch.bfloat16)
+
+
+def test_packed_linear_is_the_linear_and_batch_invariant():
+    """A row's product does not depend on how many rows run with it: the property that makes a
+    one-token ar step and a many-token tree agree bit for bit in bf16. SmolLM2's head's shape:
+    there, on this CPU, a plain bf16 product of 64 rows rounds row 0 differently from 1 row."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(576, 49152, bias=False).to(torch.bfloat16)
+    packed = PackedLinear(layer)
+    x = torch.randn(65, 576, dtype=torch.bfloat16)
+    torch.testing.assert_close(packed(x), layer(x), atol=0.05, rtol=0.02)
+    one = packed(x[:1])
+    for m in (2, 7, 33, 64, 65):
+        assert torch.equal(packed(x[:m])[:1], one), m
+    assert packed(x[None, :3]).shape == (1, 3, 49152)
+
+
+def test_prepacked_tree_rows_equal_one_token_steps():
+    model = prepack(_bf16_llama())
+    ids = torch.randint(0, 3001, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    tree, chain = FastTarget(model, None), FastTarget(model, None)
+    tree.prefill(ids[:30])
+    chain.prefill(ids[:30])
+    block = tree.forward(ids[30:40])
+    for i, token in enumerate(ids[30:40]):
+        step = chain.forward([token])
+        chain.commit([0])
+        assert torch.equal(block[i], step[0]), i
+
+
+def test_prepack_choice():
+    fp32 = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2)).eval()
+    assert not prepack_applies(fp32, "auto")
+    with pytest.raises(ValueError, match="bfloat16"):
+        prepack_applies(fp32, "true")
+    assert prepack_applies(_bf16_llama(layers=1), "auto")
+    assert not prepack_applies(_bf16_llama(layers=1), "false")
+    assert not prepack_applies(_bf16_llama(layers=1), "auto", quant="int8")

@@ -56,13 +56,19 @@ def test_free_slots_past_the_block_are_ignored(force_triton):
     torch.testing.assert_close(tree_attention_triton(q, k, v, m), short, atol=2e-5, rtol=1e-4)
 
 
-def test_reference_matches_plain_softmax_attention():
+@pytest.mark.parametrize("heads,kv_heads", [(2, 1), (6, 2), (3, 3)])
+def test_reference_matches_plain_softmax_attention(heads, kv_heads):
+    """Query head h reads kv head h // (heads / kv_heads); q comes strided, as the forward's
+    transposed projection gives it."""
     g = torch.Generator().manual_seed(2)
-    q, k, v = torch.randn(2, 3, 8, generator=g), torch.randn(1, 7, 8, generator=g), torch.randn(1, 7, 8, generator=g)
+    q = torch.randn(3, heads, 8, generator=g).transpose(0, 1)
+    k, v = torch.randn(kv_heads, 7, 8, generator=g), torch.randn(kv_heads, 7, 8, generator=g)
     m = tree_mask([-1, 0, -1])
     allowed = torch.cat([torch.ones(3, 4, dtype=torch.bool), m], 1)
-    scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5
-    manual = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    kk = k.repeat_interleave(heads // kv_heads, 0)
+    vv = v.repeat_interleave(heads // kv_heads, 0)
+    scores = (q @ kk.transpose(-1, -2)) / 8 ** 0.5
+    manual = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv
     torch.testing.assert_close(tree_attention_ref(q, k, v, allowed), manual)
 
 

@@ -209,6 +209,15 @@ def run(cfg, run) -> dict[str, Any]:
             raise UserError(f"model.quant={quant} is not one of {', '.join(QUANTS)}")
         quantize(loaded.model, quant)  # ar, hf and every method then run the same int8 weights
         loaded.info["quant"] = quant
+    from tokctl.models.quant import prepack, prepack_applies
+
+    try:
+        packed = prepack_applies(loaded.model, str(cfg.model.get("prepack", "auto")).lower(), quant)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if packed:
+        prepack(loaded.model)  # shared, like quant: every method and baseline read packed weights
+    loaded.info["prepacked"] = packed
     target = make_target(loaded.model, loaded.tokenizer, str(cfg.model.get("backend") or "auto"),
                          compile=bool(cfg.get("compile", False)), exact=bool(cfg.get("exact", False)))
     target.quant = None if quant == "none" else quant

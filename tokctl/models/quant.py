@@ -1,10 +1,21 @@
-"""Weight-only int8 linear layers (gpt-fast's int8 mode): each output row of a weight is stored as
-int8 with one scale (symmetric, absmax / 127); activations stay in the model's dtype.
+"""Weight formats for the decoder's linear layers, chosen once at load time and shared by every
+method and baseline of a run.
+
+Weight-only int8 (``model.quant=int8``, gpt-fast's int8 mode): each output row of a weight is
+stored as int8 with one scale (symmetric, absmax / 127); activations stay in the model's dtype.
 
 On the CPU the product runs through torch's ``_weight_int8pack_mm`` (int8 weights widened inside
 the kernel, so a step reads a quarter of fp32's weight bytes); elsewhere, or where that op is
 missing, the weight is widened and multiplied (what gpt-fast does under torch.compile, which
 fuses the widening into the matmul).
+
+Prepacked bf16 (``model.prepack``): on a CPU, a plain bf16 ``F.linear`` reorders its weight into
+oneDNN's blocked layout on every call, and for a single row it falls back to a slower kernel than
+for two. Reordering once, at load (:class:`PackedLinear`), makes a one-token step read only the
+weights, and the packed kernel, packed for one row, reduces every row in the same order whatever
+the number of rows: a token's logits are the same in a one-token ``ar`` step and in a 64-token
+tree, which is what makes bf16 speculative decoding exact (measured on this CPU: plain bf16's
+576 -> 49152 head is not batch-invariant; packed, every SmolLM2 linear is).
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 QUANTS = ("none", "int8")
+PREPACK = ("auto", "true", "false")
 
 
 class Int8Linear(nn.Module):
@@ -44,6 +56,59 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+class PackedLinear(nn.Module):
+    """A bf16 linear layer whose weight is held in oneDNN's layout, reordered once."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        # Batch hint 1: the one-row layout is the batch-invariant one (a hint of 32 is not for the
+        # head) and costs multi-row blocks little.
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(
+            linear.weight.detach(), 1))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                  requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(),
+                                                 self.weight, self.bias, "none", [], "")
+        return out.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 prepacked"
+
+
+def prepack_applies(model: nn.Module, prepack: str, quant: str = "none") -> bool:
+    """Whether ``model.prepack`` (auto | true | false) packs this model: auto packs bf16 weights
+    on a CPU whose oneDNN has bf16 kernels, unless another weight format was chosen."""
+    if prepack not in PREPACK:
+        raise ValueError(f"model.prepack={prepack}: choose one of {', '.join(PREPACK)}")
+    weight = model.get_output_embeddings().weight
+    usable = (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+              and quant in (None, "none") and torch.backends.mkldnn.is_available()
+              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if prepack == "true" and not usable:
+        raise ValueError("model.prepack=true packs bfloat16 weights on a CPU with oneDNN bf16 "
+                         "kernels (model.dtype=bfloat16 model.device=cpu model.quant=none)")
+    return usable and prepack != "false"
+
+
+def _replace_linears(model: nn.Module, make) -> None:
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(mod))
+
+
+def prepack(model: nn.Module) -> nn.Module:
+    """Pack the decoder's linear layers and the head, in place (tied heads are untied)."""
+    _replace_linears(model, PackedLinear)
+    model.config.tokctl_prepacked = True
+    return model
+
+
 def quantize(model: nn.Module, quant: str) -> nn.Module:
     """Replace the decoder's linear layers and the output head by int8 ones, in place. The input
     embedding stays as it is (a lookup reads one row per token; tied heads are untied by this)."""
@@ -51,11 +116,7 @@ def quantize(model: nn.Module, quant: str) -> nn.Module:
         return model
     if quant != "int8":
         raise ValueError(f"model.quant={quant}: choose one of {', '.join(QUANTS)}")
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    for name, mod in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(mod))
+    _replace_linears(model, Int8Linear)
     model.config.tokctl_quant = quant
     return model
 
@@ -67,9 +128,10 @@ def weight_bytes(model: nn.Module, exit_layer: int | None = None) -> int:
     total = 0
     seen = set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.data_ptr() in seen or t is emb or "rotary" in name:
+        key = id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN tensors have no data pointer
+        if key in seen or t is emb or "rotary" in name:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         total += t.numel() * t.element_size()
     head = model.get_output_embeddings()
     if isinstance(head, nn.Linear) and head.weight is emb:
