@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {bw:.1f} GB/s (read + write), {args.threads} threads")
     for dtype in args.dtypes:
         for quant in args.quant:
+            if quant == "packed" and dtype != "bfloat16":
+                continue  # prepacking is for bf16 weights (model.prepack)
             model, source = load(args, dtype, quant)
             wb = weight_bytes(model)
             targets = {v: FastTarget(model, None, compile=v == "compiled") for v in args.variants}

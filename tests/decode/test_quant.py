@@ -6,8 +6,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokctl.decode.target import FastTarget
-from tokctl.models.quant import (Int8Linear, PackedLinear, prepack, prepack_applies, quantize,
-                                 weight_bytes)
+from tokctl.models.quant import (Int8Linear, PackedLinear, fuse_linears, prepack, prepack_applies,
+                                 quantize, weight_bytes)
 
 
 def test_int8_linear_is_close_to_the_float_layer():
@@ -51,7 +51,7 @@ def test_packed_linear_is_the_linear_and_batch_invariant():
     there, on this CPU, a plain bf16 product of 64 rows rounds row 0 differently from 1 row."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(576, 49152, bias=False).to(torch.bfloat16)
-    packed = PackedLinear(layer)
+    packed = PackedLinear(layer.weight)
     x = torch.randn(65, 576, dtype=torch.bfloat16)
     torch.testing.assert_close(packed(x), layer(x), atol=0.05, rtol=0.02)
     one = packed(x[:1])
@@ -83,3 +83,22 @@ def test_prepack_choice():
     assert prepack_applies(_bf16_llama(layers=1), "auto")
     assert not prepack_applies(_bf16_llama(layers=1), "false")
     assert not prepack_applies(_bf16_llama(layers=1), "auto", quant="int8")
+
+
+@pytest.mark.parametrize("fmt", ["plain", "int8", "prepacked"])
+def test_fused_layers_give_each_layers_output_side_by_side(fmt):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if fmt == "prepacked" else torch.float32
+    layers = [torch.nn.Linear(64, out, bias=False).to(dtype) for out in (48, 16, 16)]
+    if fmt == "int8":
+        layers = [Int8Linear(m) for m in layers]
+    elif fmt == "prepacked":
+        layers = [PackedLinear(m.weight) for m in layers]
+    x = torch.randn(5, 64, dtype=dtype)
+    apart = torch.cat([m(x) for m in layers], dim=-1)
+    fused = fuse_linears(layers)
+    assert fused.out_features == 80 and fused.in_features == 64
+    torch.testing.assert_close(fused(x), apart, atol=1e-5, rtol=1e-5)
+    if fmt == "plain":  # the originals now read the fused weight's rows: no second copy
+        assert layers[1].weight.data_ptr() == fused.weight.data_ptr() + 48 * 64 * 4
+        torch.testing.assert_close(torch.cat([m(x) for m in layers], dim=-1), apart)

@@ -88,7 +88,7 @@ def measure(target, max_n: int = 96, prefix: int = 160, rounds: int = 3) -> Veri
 
 def engine_variant(target) -> str:
     """How the target runs its steps, as the cost table's key sees it: eager or compiled, exact,
-    int8 weights."""
+    the weight format (int8, prepacked bf16)."""
     parts = ["compiled" if getattr(target, "compiled", False) else "eager"]
     if getattr(target, "exact", False):
         parts.append("exact")
@@ -101,7 +101,7 @@ def engine_variant(target) -> str:
 def cost_key(model_source: str, target) -> str:
     threads = torch.get_num_threads()
     raw = f"{model_source}|{target.backend}|{target.device}|{target.dtype}|{threads}|{torch.__version__}"
-    # A compiled step, a batch-invariant (exact) one and int8 weights each cost differently.
+    # A compiled step, a batch-invariant (exact) one and each weight format cost differently.
     variant = engine_variant(target)
     if variant != "eager":
         raw += f"|{variant}"

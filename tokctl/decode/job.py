@@ -220,7 +220,8 @@ def run(cfg, run) -> dict[str, Any]:
     loaded.info["prepacked"] = packed
     target = make_target(loaded.model, loaded.tokenizer, str(cfg.model.get("backend") or "auto"),
                          compile=bool(cfg.get("compile", False)), exact=bool(cfg.get("exact", False)))
-    target.quant = None if quant == "none" else quant
+    # The weight format, for the verify-cost table's key: each costs differently.
+    target.quant = "prepacked" if packed else (None if quant == "none" else quant)
     if cfg.get("verify_cost", "cached") not in ("cached", "measure"):
         raise UserError(f"verify_cost={cfg.verify_cost} must be 'cached' or 'measure'")
     target.remeasure_cost = cfg.get("verify_cost") == "measure"

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tokctl.kernels.tree_attention import tree_attention
+from tokctl.models.quant import fuse_linears
 
 SUPPORTED = ("llama",)
 
@@ -116,6 +117,11 @@ class FastLlama:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.eps = cfg.rms_norm_eps
         self.attention = attention or tree_attention
+        # q, k and v as one matmul, gate and up as another: fewer calls (a one-token step is as
+        # much per-call overhead as arithmetic on a CPU) over the same weight bytes.
+        self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj])
+                    for l in self.layers]
+        self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or 1 << 30
         # cos/sin for every position, from HF's own rotary module (same arithmetic and scaling).
         size = min(self.max_positions, 1 << 15)
@@ -138,10 +144,9 @@ class FastLlama:
                              self.dtype, self.device)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x.to(dtype)
+        # HF's LlamaRMSNorm (normalise in fp32, scale in the model's dtype), as one fused op.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return weight * normed.to(x.dtype)
 
     def step(self, tokens: torch.Tensor, parents: torch.Tensor, start: torch.Tensor,
              keys: torch.Tensor, values: torch.Tensor, window: int,
@@ -167,23 +172,22 @@ class FastLlama:
                 last_only: bool = False) -> torch.Tensor:
         n = tokens.shape[0]
         window = allowed.shape[1]
-        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]  # [1, 1, n, D]
+        cos, sin = self.cos[positions][None], self.sin[positions][None]  # [1, n, D]
         h = F.embedding(tokens, self.embed)[None]  # [1, n, d]
+        heads, kv_heads, dim = self.num_heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
             x = self._rms(h, layer.input_layernorm.weight)
-            q = attn.q_proj(x).view(1, n, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            keys[i].index_copy_(1, slots, k[0])
-            values[i].index_copy_(1, slots, v[0])
-            out = self.attention(q[0], keys[i, :, :window], values[i, :, :window], allowed)
-            h = h + attn.o_proj(out.transpose(0, 1).reshape(1, n, -1))
+            qkv = self.qkv[i](x[0]).view(n, heads + 2 * kv_heads, dim).transpose(0, 1)
+            qk = qkv[:heads + kv_heads]
+            qk = qk * cos + _rotate_half(qk) * sin  # q's and k's heads rotated together
+            q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
+            keys[i].index_copy_(1, slots, k)
+            values[i].index_copy_(1, slots, v)
+            out = self.attention(q, keys[i, :, :window], values[i, :, :window], allowed)
+            h = h + layer.self_attn.o_proj(out.transpose(0, 1).reshape(1, n, -1))
             x = self._rms(h, layer.post_attention_layernorm.weight)
-            mlp = layer.mlp
-            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            gate, up = self.gate_up[i](x).chunk(2, dim=-1)
+            h = h + layer.mlp.down_proj(F.silu(gate) * up)
         if last_only:
             h = h[:, -1:]
         h = self._rms(h, self.norm.weight)

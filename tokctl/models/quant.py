@@ -59,15 +59,14 @@ class Int8Linear(nn.Module):
 class PackedLinear(nn.Module):
     """A bf16 linear layer whose weight is held in oneDNN's layout, reordered once."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         # Batch hint 1: the one-row layout is the batch-invariant one (a hint of 32 is not for the
         # head) and costs multi-row blocks little.
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(
-            linear.weight.detach(), 1))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                  requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+        self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -77,6 +76,42 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 prepacked"
+
+
+def fuse_linears(layers: list[nn.Module]) -> nn.Module:
+    """One layer whose output is ``layers``' outputs side by side (q, k and v; gate and up): one
+    matmul call where there were several, each weight read once. Plain layers become views of the
+    fused weight (no second copy; the model's own forward reads the same bytes); int8 layers
+    concatenate their rows and per-row scales; prepacked ones are unpacked, joined and repacked."""
+    kinds = {type(m) for m in layers}
+    biased = {m.bias is not None for m in layers}
+    if len(kinds) != 1 or len(biased) != 1:
+        raise ValueError("fuse_linears takes layers of one kind, all with or all without bias")
+    kind = kinds.pop()
+    bias = torch.cat([m.bias.detach() for m in layers]) if biased.pop() else None
+    if kind is Int8Linear:
+        fused = Int8Linear.__new__(Int8Linear)
+        nn.Module.__init__(fused)
+        fused.register_buffer("weight", torch.cat([m.weight for m in layers]))
+        fused.register_buffer("scales", torch.cat([m.scales for m in layers]))
+        fused.packed = layers[0].packed
+    elif kind is PackedLinear:
+        fused = PackedLinear(torch.cat([m.weight.to_dense() for m in layers]))
+    elif kind is nn.Linear:
+        weight = torch.cat([m.weight.detach() for m in layers])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        row = 0
+        for m in layers:
+            rows = m.weight.shape[0]
+            m.weight = nn.Parameter(weight[row:row + rows], requires_grad=False)
+            row += rows
+    else:
+        raise ValueError(f"cannot fuse {kind.__name__} layers")
+    fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    fused.in_features = layers[0].in_features
+    fused.out_features = sum(m.out_features for m in layers)
+    return fused
 
 
 def prepack_applies(model: nn.Module, prepack: str, quant: str = "none") -> bool:
@@ -104,7 +139,7 @@ def _replace_linears(model: nn.Module, make) -> None:
 
 def prepack(model: nn.Module) -> nn.Module:
     """Pack the decoder's linear layers and the head, in place (tied heads are untied)."""
-    _replace_linears(model, PackedLinear)
+    _replace_linears(model, lambda m: PackedLinear(m.weight, m.bias))
     model.config.tokctl_prepacked = True
     return model
 
