@@ -5,7 +5,8 @@ that Debian's desktop packages install, see scripts/setup.sh) and draws random s
 random scales, resized to the tokenizer's size, with horizontal flips: a crop of a whole photo
 looks like a thumbnail, a small crop like a detail, and both are what 64x64 images are.
 
-Evaluation uses whole photos, centre-cropped to a square and resized: a folder of images, or by
+Evaluation uses whole photos, centre-cropped to a square and resized: a folder of images (read
+through datasets' imagefolder; a file that does not open is left out, named and counted), or by
 default the photos bundled with scikit-image and matplotlib, none of which is in the training
 folders (they are the held-out set).
 """
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from tokctl.errors import UserError, one_line_error
+from tokctl.imagefolder import read_image_folder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"}
 # Files in the wallpaper packages that are not photographs of anything (previews, logos).
@@ -180,19 +182,24 @@ def held_out_photos() -> tuple[list[tuple[str, Image.Image]], dict[str, str]]:
 def eval_images(path: str | None, size: int, limit: int | None = None
                 ) -> tuple[list[str], torch.Tensor, dict[str, str]]:
     """Names and a (N, 3, size, size) tensor of whole photos (centre square, resized); and the
-    default photos that could not be had, name -> why (a broken file in data.path is an error)."""
-    skipped: dict[str, str] = {}
+    photos left out, name -> why: files in data.path that do not open as images (a folder is read
+    through datasets' imagefolder), or default photos this machine cannot have."""
     if path:
-        files = image_files(path)
-        if not files:
-            raise UserError(f"data.path={path}: no images found (looked for "
-                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
-        pairs = []
-        for f in files:
-            pairs.append((str(f), open_rgb(f)))
+        folder = read_image_folder(path)
+        pairs, skipped = [], {}
+        for name, f in zip(folder.names, folder.files):
+            if limit and len(pairs) == limit:
+                break
+            try:
+                pairs.append((name, open_rgb(f)))
+            except UserError as exc:
+                skipped[name] = str(exc)
+        if not pairs:
+            raise UserError(f"data.path={path}: none of its images opens (first: "
+                            f"{next(iter(skipped.values()))})")
     else:
         pairs, skipped = held_out_photos()
-    pairs = pairs[:limit] if limit else pairs
+        pairs = pairs[:limit] if limit else pairs
     names = [n for n, _ in pairs]
     if not pairs:
         raise UserError("no evaluation images" + (f" (the default photos could not be loaded: "
