@@ -72,7 +72,8 @@ def read_image_folder(path, key: str = "data.path", labels: bool = True) -> Imag
     except datasets.data_files.EmptyDatasetError:  # only hidden files: imagefolder skips them
         raise UserError(f"{key}={path} holds no images (hidden files and folders are "
                         f"skipped)") from None
-    files = [Path(x["path"]) for x in ds.cast_column("image", datasets.Image(decode=False))["image"]]
+    listed = ds.cast_column("image", datasets.Image(decode=False))["image"]  # paths, not pixels
+    files = [Path(x["path"]) for x in listed]
     label = ds.features.get("label")
     if label is None:
         return ImageFolder(root, files, None, [])

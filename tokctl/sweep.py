@@ -289,7 +289,8 @@ def sweep_signals(kind: str, sweep_dir: Path, stop: list[int]):
                 except (OSError, KeyError, TypeError):
                     pass
 
-    old, mask = signal.signal(signal.SIGTERM, forward), signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old = signal.signal(signal.SIGTERM, forward)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
@@ -338,7 +339,8 @@ def sweep_folder(req: SimpleNamespace, job: Job, root: Path) -> Path:
     return path
 
 
-def write_sweep_json(sweep_dir: Path, summary: dict, plan: list[list[str]], nums: list[int]) -> list[dict]:
+def write_sweep_json(sweep_dir: Path, summary: dict, plan: list[list[str]],
+                     nums: list[int]) -> list[dict]:
     rows = []
     for num, overrides in enumerate(plan):
         metrics = read_json(sweep_dir / str(num) / "metrics.json") or {}
