@@ -185,7 +185,7 @@ def eval_images(path: str | None, size: int, limit: int | None = None
     photos left out, name -> why: files in data.path that do not open as images (a folder is read
     through datasets' imagefolder), or default photos this machine cannot have."""
     if path:
-        folder = read_image_folder(path)
+        folder = read_image_folder(path, labels=False)  # whole photos: classes play no part
         pairs, skipped = [], {}
         for name, f in zip(folder.names, folder.files):
             if limit and len(pairs) == limit:
