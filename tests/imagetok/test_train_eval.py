@@ -122,6 +122,16 @@ def test_default_photos_that_cannot_be_had_are_counted_not_dropped(monkeypatch):
     assert len(images) == len(names) > 0
 
 
+def test_training_photos_that_do_not_open_are_counted(photo_folder, capsys):
+    from tokctl.imagetok.data import CropSampler, warn_skipped
+
+    (photo_folder / "torn.jpg").write_bytes(b"\xff\xd8 not much of a jpeg")
+    sampler = CropSampler([str(photo_folder)], 32)
+    assert len(sampler.photos) == 3 and list(sampler.skipped) == [str(photo_folder / "torn.jpg")]
+    warn_skipped(sampler)
+    assert "1 training photo(s) would not open" in capsys.readouterr().out
+
+
 def test_eval_folders_are_read_through_imagefolder(photo_folder, tmp_path):
     from tokctl.imagetok.data import eval_images
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tokctl.console import console
 from tokctl.errors import UserError, one_line_error
 from tokctl.imagefolder import read_image_folder
 
@@ -107,6 +108,7 @@ class CropSampler:
         self.size = size
         self.rng = random.Random(seed)
         self.grayscale = float(grayscale)
+        self.skipped: dict[str, str] = {}  # photos that would not open: name -> why
         if photos is not None:  # another sampler's photos, drawn with another seed
             self.photos, self.files = photos, []
             return
@@ -115,7 +117,8 @@ class CropSampler:
         for f in files:
             try:
                 im = open_rgb(f)
-            except UserError:
+            except UserError as exc:
+                self.skipped[str(f)] = str(exc)
                 continue
             short = min(im.size)
             if short < size:
@@ -148,6 +151,13 @@ class CropSampler:
 
     def batch(self, n: int) -> torch.Tensor:
         return torch.stack([to_tensor(self.sample()) for _ in range(n)])
+
+
+def warn_skipped(sampler: CropSampler) -> None:
+    if sampler.skipped:
+        first = next(iter(sampler.skipped.values()))
+        console.print(f"[yellow]warning[/]: {len(sampler.skipped)} training photo(s) would not "
+                      f"open and are left out (first: {first})", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------- evaluation
