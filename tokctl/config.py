@@ -80,6 +80,18 @@ def _hydra_compose(folder: str, config_name: str, overrides: list[str],
                              overrides=list(overrides) + [common_searchpath()])
 
 
+def compose_with_hydra(folder: str, config_name: str, overrides: list[str]):
+    """The config with its ``hydra`` node (the launcher chosen, the groups' choices), unresolved
+    and unchecked; Hydra's errors as one line."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return _hydra_compose(folder, config_name, overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise _hydra_error(exc) from None
+
+
 def compose(folder: str, config_name: str, overrides: list[str]):
     """Compose ``conf/<folder>/<config_name>.yaml`` with overrides; Hydra's errors become one line.
 
@@ -161,16 +173,11 @@ _SCHEMAS: dict = {}
 
 
 def _build_schema(folder: str, config_name: str, group_overrides: list[str]):
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
-    from omegaconf.errors import OmegaConfBaseException
 
     from tokctl import schema
 
-    try:
-        cfg = _hydra_compose(folder, config_name, group_overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise _hydra_error(exc) from None
+    cfg = compose_with_hydra(folder, config_name, group_overrides)
     own = groups(folder)
     choices = {g: str(c) for g, c in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
                if g in own and c is not None}

@@ -73,7 +73,7 @@ METRICS: dict[str, Metric] = {
 }
 # Ranking puts the largest first, except for these (and the METRICS marked lower_is_better).
 LOWER_IS_BETTER = ("time_s", "baseline_time_s", "kl", "loss", "val_loss", "failed_samples",
-                   "num_skipped")
+                   "images_skipped")
 
 # Each command's headline metrics, the first present one ranking the runs.
 HEADLINE: dict[str, tuple[str, ...]] = {

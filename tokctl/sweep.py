@@ -1,17 +1,8 @@
-"""Sweeps: ``tokctl <command> -m key=a,b other=x,y``, run by Hydra's own multirun.
-
-tokctl composes every point first (a typo fails in one line, before any folder is made), then
-calls ``hydra.main`` in multirun mode: Hydra's basic sweeper expands the grid and the configured
-launcher runs it (basic: here, one point after another; submitit_local: parallel processes;
-submitit_slurm: a SLURM job array). The sweep folder (runs/<command>/<date>/<time>_sweep, or
-hydra.sweep.dir=PATH) holds sweep.json (every point's overrides, folder, status, attempts and
-scalar metrics; each invocation), Hydra's multirun.yaml, one run folder per point (0/, 1/, ...:
-``hydra.sweep.subdir`` looks the number up in sweep.json, so it never changes) and .attempts/.
-
-``+resume=true`` reruns the newest sweep of the same overrides (``+resume=PATH`` or
-``hydra.sweep.dir=PATH +resume=true``: that one). The whole grid is launched again; the task of
-a point that completed, or still runs elsewhere, returns at once; the others run again, their
-earlier attempt kept in .attempts/<num>-<k>. Points added to the grid get new folders.
+"""Sweeps: ``tokctl <command> -m key=a,b``, run by ``hydra.main`` in multirun mode (Hydra's basic
+sweeper, the chosen launcher) with :class:`PointTask` as the task. Every point composes before
+anything is made. A point's folder number is its place in sweep.json, so that a resumed or grown
+grid keeps it. ``+resume=true`` launches the grid again, and the task of a point that completed,
+or still runs elsewhere, returns at once.
 """
 
 from __future__ import annotations
@@ -23,33 +14,30 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
 
 from omegaconf import OmegaConf
 
-from tokctl.config import common_searchpath, compose, conf_dir, sweep_points
+from tokctl.config import common_searchpath, compose, compose_with_hydra, conf_dir, sweep_points
 from tokctl.console import err_console
 from tokctl.errors import UserError, one_line
 from tokctl.jobs import Job, JobCrashed, execute, load_target
 from tokctl.runs import (atomic_write_json, check_writable, interrupts_as_exceptions, new_run_dir,
                          read_json, read_status)
 
-SWEEP_JSON, ATTEMPTS, LOCK = "sweep.json", ".attempts", ".lock"
-STOP = ".stop"  # made when a sweep is interrupted: its jobs that have not started never start
+SWEEP_JSON, ATTEMPTS = "sweep.json", ".attempts"
+STOP = ".stop"  # made when a sweep is interrupted: its points that have not started never start
 
 
 def parse_request(overrides: list[str]) -> SimpleNamespace:
-    """Split what was typed: task overrides (with sweep syntax), Hydra's own, the sweep folder
-    and ``resume`` (None, "true": the newest matching sweep, or a sweep folder)."""
+    """What was typed: task overrides (sweep syntax included), Hydra's own, the sweep folder and
+    ``resume`` (None; "true": the newest sweep of the same overrides; or a sweep folder)."""
     req = SimpleNamespace(task=[], hydra=[], sweep_dir=None, resume=None)
     for o in overrides:
         key, eq, value = o.partition("=")
-        if o.startswith("-"):
-            raise UserError(f"unknown option {o!r}; configs are changed with key=value overrides "
-                            f"(see --help)")
         if eq and key.lstrip("+") == "resume":
             v = value.strip().lower()
             req.resume = None if v in ("false", "no", "0", "off", "null", "none", "") else \
@@ -66,7 +54,7 @@ def parse_request(overrides: list[str]) -> SimpleNamespace:
 
 
 def number_points(plan: list[list[str]], grid: list[list[str]]) -> list[int]:
-    """Each grid point's folder number: its place in the plan, where new points are appended."""
+    """Each grid point's folder number: its place in the plan, new points appended to it."""
     keys = [sorted(p) for p in plan]
     for point in grid:
         if sorted(point) not in keys:
@@ -76,7 +64,7 @@ def number_points(plan: list[list[str]], grid: list[list[str]]) -> list[int]:
 
 
 def point_folder(*, _root_) -> str:
-    """``hydra.sweep.subdir``, resolved by Hydra wherever the point runs: its folder number."""
+    """``hydra.sweep.subdir``, which Hydra resolves wherever the point runs."""
     plan = [p["overrides"] for p in read_json(Path(_root_.hydra.sweep.dir) / SWEEP_JSON)["points"]]
     return str(number_points(plan, [list(_root_.hydra.overrides.task)])[0])
 
@@ -85,8 +73,7 @@ OmegaConf.register_new_resolver("tokctl_point", point_folder, replace=True)
 
 
 class PointTask:
-    """Hydra's task function: one point, here or in a submitit job (a class at module level, so
-    that submitit pickles it by reference)."""
+    """One point, here or in a submitit job (module level, so that submitit pickles it by name)."""
 
     def __init__(self, job: Job, sweep_dir: Path, to_run: list[int], threads: int | None):
         self.job, self.sweep_dir, self.to_run, self.threads = job, sweep_dir, set(to_run), threads
@@ -95,7 +82,7 @@ class PointTask:
     def __call__(self, cfg) -> str:
         from hydra.core.hydra_config import HydraConfig
 
-        sys.argv = self.argv  # hydra.main read its arguments there: the run records the user's
+        sys.argv = self.argv  # hydra.main took its arguments from there: record the user's
         out = Path(HydraConfig.get().runtime.output_dir)
         here = os.getpid() == self.parent_pid
         extra = () if here else preemption_signal()
@@ -124,8 +111,7 @@ class PointTask:
 
 
 def preemption_signal() -> tuple[int, ...]:
-    """In a submitit job: the signal that warns of a time limit or pre-emption (SIGUSR2 unless
-    SUBMITIT_PREEMPT_SIGNAL says otherwise). The run stops as on SIGTERM, samples kept."""
+    """In a submitit job, the time-limit or pre-emption warning stops the run as SIGTERM does."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):
         return ()
     import submitit
@@ -140,7 +126,7 @@ def discard_unstarted(out: Path) -> str:
 
 
 def set_aside(sweep_dir: Path, folder: Path) -> None:
-    """Move an earlier attempt (all but this attempt's .hydra/) to .attempts/<num>-<k>."""
+    """An earlier attempt (all but this attempt's .hydra/) to .attempts/<num>-<k>."""
     dest = sweep_dir / ATTEMPTS / f"{folder.name}-{1 + len(attempts(sweep_dir, folder.name))}"
     dest.mkdir(parents=True)
     for item in folder.iterdir():
@@ -154,8 +140,8 @@ def attempts(sweep_dir: Path, name: str) -> list[str]:
 
 
 def still_running(run: Path) -> bool:
-    """Whether a point that says ``running`` really runs (its process on this host, or its SLURM
-    job as submitit sees it), rather than having been killed too hard to say so."""
+    """Whether a point that says ``running`` runs (its process on this host, or its SLURM job as
+    submitit's job object sees it), rather than having been killed too hard to say so."""
     env = read_json(run / "env.json") or {}
     slurm = env.get("env") or {}
     if env.get("pid") and env.get("host") == socket.gethostname():
@@ -166,18 +152,18 @@ def still_running(run: Path) -> bool:
         except PermissionError:
             pass
         return True
-    if "SLURM_JOB_ID" in slurm and shutil.which("sacct"):
-        import submitit
+    if "SLURM_JOB_ID" not in slurm or not shutil.which("sacct"):
+        return False
+    import submitit
 
-        job_id = slurm["SLURM_JOB_ID"] if "SLURM_ARRAY_JOB_ID" not in slurm else \
-            f"{slurm['SLURM_ARRAY_JOB_ID']}_{slurm['SLURM_ARRAY_TASK_ID']}"
-        return not submitit.SlurmJob(run.parent / ".submitit" / "%j", job_id).done(force_check=True)
-    return False
+    task = slurm.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{slurm['SLURM_ARRAY_JOB_ID']}_{task}" if task else slurm["SLURM_JOB_ID"]
+    return not submitit.SlurmJob(run.parent / ".submitit" / "%j", job_id).done(force_check=True)
 
 
 def run_sweep(job: Job, overrides: list[str]) -> SimpleNamespace:
-    """Returns the sweep's path, its state (finished | interrupted) and whether every point of
-    the grid completed."""
+    """The sweep's path, its state (finished | interrupted) and whether every point of the grid
+    completed."""
     req = parse_request(overrides)
     grid = sweep_points(req.task)
     load_target(job)
@@ -186,13 +172,12 @@ def run_sweep(job: Job, overrides: list[str]) -> SimpleNamespace:
         raise UserError("this launcher submits SLURM jobs with sbatch, which is not on PATH: run "
                         "the sweep on the cluster's login node, or use "
                         "hydra/launcher=submitit_local on this machine")
-    configs = []
     for point in grid:  # every point composes before anything is made
         try:
-            configs.append(compose(job.conf, job.config_name, [*point, *req.hydra]))
+            cfg = compose(job.conf, job.config_name, [*point, *req.hydra])
         except UserError as exc:
             raise UserError(f"sweep point {' '.join(point)}: {exc}") from None
-    sweep_dir = sweep_folder(req, job, Path(str(configs[0].get("runs_dir") or "runs"))).resolve()
+    sweep_dir = sweep_folder(req, job, Path(str(cfg.get("runs_dir") or "runs"))).resolve()
 
     with sweep_lock(sweep_dir):
         summary = read_json(sweep_dir / SWEEP_JSON)
@@ -232,6 +217,7 @@ def run_sweep(job: Job, overrides: list[str]) -> SimpleNamespace:
                     hydra_multirun(job, PointTask(job, sweep_dir, to_run, threads), args)
         except KeyboardInterrupt:
             stop.append(signal.SIGINT)
+            (sweep_dir / STOP).touch()  # array tasks that start later return at once
         except Exception as exc:  # noqa: BLE001 - a launcher's failure: one line, statuses kept
             now["launcher_error"] = one_line(f"{type(exc).__name__}: {exc}")
             err_console.print(f"[bold red]error:[/] the launcher failed: {now['launcher_error']}",
@@ -245,32 +231,20 @@ def run_sweep(job: Job, overrides: list[str]) -> SimpleNamespace:
 
 
 def launcher_of(job: Job, hydra_overrides: list[str]) -> tuple[str, str]:
-    """The launcher's name (as chosen) and kind: basic (here), local (submitit processes),
-    slurm, or other."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
+    """The launcher's name, and its kind: basic (here), local (submitit processes), slurm, other."""
     try:
-        with initialize_config_dir(config_dir=str(conf_dir(job.conf)), version_base="1.3"):
-            hydra = hydra_compose(job.config_name, [*hydra_overrides, common_searchpath()],
-                                  return_hydra_config=True).hydra
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        msg = one_line(str(exc)).split(" Config search path:")[0]
-        if "hydra/launcher" in msg and not _has_submitit():
-            msg += " (the submitit launchers need: pip install 'tokctl[slurm]')"
-        raise UserError(msg.replace("Available options in", "; available options in")) from None
+        hydra = compose_with_hydra(job.conf, job.config_name, hydra_overrides).hydra
+    except UserError as exc:
+        import importlib.util
+
+        if "hydra/launcher" in str(exc) and not importlib.util.find_spec(
+                "hydra_plugins.hydra_submitit_launcher"):
+            raise UserError(f"{exc} (the submitit launchers need: pip install 'tokctl[slurm]')")
+        raise
     target = str(hydra.launcher.get("_target_", ""))
     kind = "basic" if target.endswith("BasicLauncher") else "other" if "submitit" not in target \
         else "slurm" if target.endswith("SlurmLauncher") else "local"
     return str(hydra.runtime.choices.get("hydra/launcher") or kind), kind
-
-
-def _has_submitit() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 
 
 def hydra_multirun(job: Job, task: PointTask, args: list[str]) -> None:
@@ -293,28 +267,21 @@ def hydra_multirun(job: Job, task: PointTask, args: list[str]) -> None:
 
 
 @contextmanager
-def sweep_signals(kind: str, sweep_dir: Path, stop: list[int]) -> Iterator[None]:
-    """SIGINT/SIGTERM while the launcher runs.
-
-    basic: a signal interrupts the point running here and ends the sweep.
-    local: Ctrl-C reaches every job (one process group) and each saves what it finished. SIGINT
-    stays blocked here meanwhile and the jobs inherit the block until their handler is up, so
-    that submitit's job controllers never see it (they would SIGKILL their job a second later);
-    this process takes its pending SIGINT when the jobs are done. A SIGTERM sent to this process
-    alone is passed on to the running points.
-    slurm, other: stop waiting; running jobs finish.
-    Every kind: jobs that have not started yet never start.
-    """
-    if kind == "basic":
+def sweep_signals(kind: str, sweep_dir: Path, stop: list[int]):
+    """SIGINT/SIGTERM while the launcher runs. basic: they interrupt the point running here, and
+    the sweep; slurm, other: tokctl stops waiting, running jobs finish. local: Ctrl-C reaches
+    every job (one process group), each saves what it finished, and tokctl waits for them.
+    SIGINT stays blocked here meanwhile, and the jobs inherit the block until their handler is
+    up, so that submitit's job controllers never see it (they would SIGKILL their job a second
+    later); a SIGTERM to tokctl alone is passed on to the running points."""
+    if kind != "local":
         with interrupts_as_exceptions():
             yield
         return
 
-    def on_signal(signum, frame):  # noqa: ARG001
+    def forward(signum, frame):  # noqa: ARG001
         stop.append(signum)
         (sweep_dir / STOP).touch()
-        if kind != "local":
-            raise KeyboardInterrupt
         for env in sweep_dir.glob("[0-9]*/env.json"):
             if read_status(env.parent) == "running":
                 try:
@@ -322,25 +289,23 @@ def sweep_signals(kind: str, sweep_dir: Path, stop: list[int]) -> Iterator[None]
                 except (OSError, KeyError, TypeError):
                     pass
 
-    blocked = {signal.SIGINT} if kind == "local" else set()
-    old = {s: signal.signal(s, on_signal) for s in {signal.SIGINT, signal.SIGTERM} - blocked}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    old = signal.signal(signal.SIGTERM, forward)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        if signal.sigpending() & blocked:
-            stop.append(signal.sigwait(blocked))
+        if signal.SIGINT in signal.sigpending():
+            stop.append(signal.sigwait({signal.SIGINT}))
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for s, h in old.items():
-            signal.signal(s, h)
+        signal.signal(signal.SIGTERM, old)
 
 
 @contextmanager
-def sweep_lock(sweep_dir: Path) -> Iterator[None]:
+def sweep_lock(sweep_dir: Path):
     """One tokctl process per sweep folder at a time."""
     import fcntl
 
-    with open(sweep_dir / LOCK, "a") as f:
+    with open(sweep_dir / ".lock", "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -351,38 +316,31 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
 
 def sweep_folder(req: SimpleNamespace, job: Job, root: Path) -> Path:
     base = root / job.run_folder_name
-    if req.resume not in (None, "true"):
-        path = Path(req.resume)
-        if req.sweep_dir and Path(req.sweep_dir).resolve() != path.resolve():
-            raise UserError(f"+resume={req.resume} and hydra.sweep.dir={req.sweep_dir} name "
-                            f"different sweeps; give one of them")
-        if not (path / SWEEP_JSON).is_file():
-            raise UserError(f"+resume={req.resume}: no sweep there (no {SWEEP_JSON}); give the "
-                            f"folder `tokctl {job.command} -m` printed")
-    elif req.sweep_dir:
-        path = Path(req.sweep_dir)
-        check_writable(path)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create the sweep folder {path}: {exc.strerror or exc}") from None
-    elif req.resume == "true":
+    if req.resume == "true" and not req.sweep_dir:
         found = [(str(d.get("created")), f.stat().st_mtime, f.parent)
                  for f in base.glob(f"*/*/{SWEEP_JSON}")
                  if sorted((d := read_json(f) or {}).get("spec", [])) == req.spec]
         if not found:
             raise UserError(f"no earlier sweep with these overrides under {base} to resume; give "
                             f"its folder with +resume=PATH")
-        path = max(found)[2]
-    else:
-        check_writable(root)
-        return new_run_dir(root, job.run_folder_name, "sweep")
+        req.resume = str(max(found)[2])
+    elif req.resume not in (None, "true"):
+        if req.sweep_dir and Path(req.sweep_dir).resolve() != Path(req.resume).resolve():
+            raise UserError(f"+resume={req.resume} and hydra.sweep.dir={req.sweep_dir} name "
+                            f"different sweeps; give one of them")
+        if not (Path(req.resume) / SWEEP_JSON).is_file():
+            raise UserError(f"+resume={req.resume}: no sweep there (no {SWEEP_JSON}); give the "
+                            f"folder `tokctl {job.command} -m` printed")
+    path = Path(req.sweep_dir or req.resume or root)
     check_writable(path)
+    if not (req.sweep_dir or req.resume):
+        return new_run_dir(root, job.run_folder_name, "sweep")
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def write_sweep_json(sweep_dir: Path, summary: dict[str, Any], plan: list[list[str]],
-                     nums: list[int]) -> list[dict[str, Any]]:
+def write_sweep_json(sweep_dir: Path, summary: dict, plan: list[list[str]],
+                     nums: list[int]) -> list[dict]:
     rows = []
     for num, overrides in enumerate(plan):
         metrics = read_json(sweep_dir / str(num) / "metrics.json") or {}
@@ -391,10 +349,7 @@ def write_sweep_json(sweep_dir: Path, summary: dict[str, Any], plan: list[list[s
                      "in_grid": num in nums, "attempts": attempts(sweep_dir, str(num)),
                      "metrics": {k: v for k, v in metrics.items()
                                  if isinstance(v, (int, float, str, bool, type(None)))}})
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    summary.update(updated=_now(), points=rows, counts=counts)
+    summary.update(updated=_now(), points=rows, counts=dict(Counter(r["status"] for r in rows)))
     atomic_write_json(sweep_dir / SWEEP_JSON, summary)
     return rows
 

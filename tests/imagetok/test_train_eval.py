@@ -68,7 +68,8 @@ def test_eval_against_classical_codecs(tiny_tokenizer_file, photo_folder, tmp_pa
     for kind in ("encode", "decode"):  # the tokenizer against JPEG, interleaved, same keys
         figures = m["speed"]["onedpiece"]["vs_jpeg"][kind]
         assert set(figures) == {"speedup", "speedup_median", "speedup_q25", "speedup_q75"}
-    assert m["images_skipped"] == 0 and m["skipped"] == {}
+    # the folder's screenshot.png is no image: left out, named and counted, not dropped silently
+    assert m["images_skipped"] == 1 and list(m["skipped"]) == ["screenshot.png"]
     assert m["monotonic_in_tokens"]["onedpiece"]["ssim"] is True
 
 
@@ -119,6 +120,35 @@ def test_default_photos_that_cannot_be_had_are_counted_not_dropped(monkeypatch):
     names, images, skipped = eval_images(None, 16)
     assert "coins" not in names and "OSError" in skipped["coins"]
     assert len(images) == len(names) > 0
+
+
+def test_training_photos_that_do_not_open_are_counted(photo_folder, capsys):
+    from tokctl.imagetok.data import CropSampler, warn_skipped
+
+    (photo_folder / "torn.jpg").write_bytes(b"\xff\xd8 not much of a jpeg")
+    sampler = CropSampler([str(photo_folder)], 32)
+    assert len(sampler.photos) == 3 and list(sampler.skipped) == [str(photo_folder / "torn.jpg")]
+    warn_skipped(sampler)
+    assert "1 training photo(s) would not open" in capsys.readouterr().out
+
+
+def test_eval_folders_are_read_through_imagefolder(photo_folder, tmp_path):
+    from tokctl.imagetok.data import eval_images
+
+    names, images, skipped = eval_images(str(photo_folder), 16)
+    assert names == ["p0.png", "p1.png", "p2.png"] and images.shape == (3, 3, 16, 16)
+    assert "cannot be opened" in skipped["screenshot.png"]
+    assert eval_images(str(photo_folder), 16, limit=2)[0] == ["p0.png", "p1.png"]
+    assert eval_images(str(photo_folder / "p1.png"), 16)[0] == ["p1.png"]  # one file
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_bytes(b"not a png")
+    for path, message in ((tmp_path / "nope", "does not exist"),
+                          (tmp_path / "empty", "holds no images"),
+                          (tmp_path / "bad", "none of its images opens")):
+        with pytest.raises(UserError, match=message):
+            eval_images(str(path), 16)
 
 
 def test_eval_coded_files_at_a_larger_size(tiny_prior, photo_folder, tmp_path):

@@ -1,5 +1,7 @@
 """Image sources: folders (labelled or not), undecodable files, empty folders, the shipped split."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,7 @@ def test_labelled_folder_maps_class_names_and_skips_bad_files(tmp_path):
 
 def test_folder_without_matching_labels_is_unlabelled(tmp_path):
     _png(tmp_path / "x" / "a.png")
+    _png(tmp_path / "y" / "b.png")
     src = data.open_source(OmegaConf.create({"kind": "folder", "path": str(tmp_path)}), _info({0: "cat"}))
     assert not src.has_labels and src.notes
 
@@ -48,6 +51,15 @@ def test_flat_folder_is_unlabelled(tmp_path):
     _png(tmp_path / "sub" / "b.png")
     src = data.open_source(OmegaConf.create({"kind": "folder", "path": str(tmp_path)}), _info({0: "sub"}))
     assert len(src) == 2 and not src.has_labels
+
+
+def test_folders_are_read_through_imagefolder_into_the_isolated_cache(tmp_path):
+    import os
+
+    _png(tmp_path / "imgs" / "a.png")
+    data.open_source(OmegaConf.create({"kind": "folder", "path": str(tmp_path / "imgs")}), _info())
+    cache = os.environ["TOKCTL_CACHE_DIR"]  # set by the tests' conftest: never ~/.cache
+    assert any(p.name == "imagefolder" for p in (Path(cache) / "datasets").iterdir())
 
 
 def test_empty_or_missing_folders_are_one_line_errors(tmp_path):

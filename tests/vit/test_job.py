@@ -41,7 +41,7 @@ def test_tome_on_an_image_folder(tmp_path):
     assert m["speedup_q25"] <= m["speedup_median"] <= m["speedup_q75"]
     assert m["kernel"] == "reference"  # CPU tensors: the torch merge, and metrics.json says so
     assert m["top1"] is None and m["baseline_top1"] is None  # unlabelled folder
-    assert m["num_images"] == 6 and m["num_skipped"] == 1 and m["skipped"][0].startswith("bad.png")
+    assert m["num_images"] == 6 and m["images_skipped"] == 1 and m["skipped"][0].startswith("bad.png")
     assert m["tokens_per_layer"] == [65, 61, 57] and m["gflops"] < m["baseline_gflops"]
     assert (path / "merges.png").is_file() and (path / "skipped.txt").is_file()
     assert len((path / "samples.jsonl").read_text().splitlines()) == 2  # one row per batch

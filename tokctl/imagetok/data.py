@@ -5,7 +5,8 @@ that Debian's desktop packages install, see scripts/setup.sh) and draws random s
 random scales, resized to the tokenizer's size, with horizontal flips: a crop of a whole photo
 looks like a thumbnail, a small crop like a detail, and both are what 64x64 images are.
 
-Evaluation uses whole photos, centre-cropped to a square and resized: a folder of images, or by
+Evaluation uses whole photos, centre-cropped to a square and resized: a folder of images (read
+through datasets' imagefolder; a file that does not open is left out, named and counted), or by
 default the photos bundled with scikit-image and matplotlib, none of which is in the training
 folders (they are the held-out set).
 """
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tokctl.console import console
 from tokctl.errors import UserError, one_line_error
+from tokctl.imagefolder import read_image_folder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm"}
 # Files in the wallpaper packages that are not photographs of anything (previews, logos).
@@ -105,6 +108,7 @@ class CropSampler:
         self.size = size
         self.rng = random.Random(seed)
         self.grayscale = float(grayscale)
+        self.skipped: dict[str, str] = {}  # photos that would not open: name -> why
         if photos is not None:  # another sampler's photos, drawn with another seed
             self.photos, self.files = photos, []
             return
@@ -113,7 +117,8 @@ class CropSampler:
         for f in files:
             try:
                 im = open_rgb(f)
-            except UserError:
+            except UserError as exc:
+                self.skipped[str(f)] = str(exc)
                 continue
             short = min(im.size)
             if short < size:
@@ -148,6 +153,13 @@ class CropSampler:
         return torch.stack([to_tensor(self.sample()) for _ in range(n)])
 
 
+def warn_skipped(sampler: CropSampler) -> None:
+    if sampler.skipped:
+        first = next(iter(sampler.skipped.values()))
+        console.print(f"[yellow]warning[/]: {len(sampler.skipped)} training photo(s) would not "
+                      f"open and are left out (first: {first})", soft_wrap=True)
+
+
 # ---------------------------------------------------------------------------------- evaluation
 def held_out_photos() -> tuple[list[tuple[str, Image.Image]], dict[str, str]]:
     """The bundled held-out photos, as (name, RGB image); and those that could not be had (some
@@ -180,19 +192,24 @@ def held_out_photos() -> tuple[list[tuple[str, Image.Image]], dict[str, str]]:
 def eval_images(path: str | None, size: int, limit: int | None = None
                 ) -> tuple[list[str], torch.Tensor, dict[str, str]]:
     """Names and a (N, 3, size, size) tensor of whole photos (centre square, resized); and the
-    default photos that could not be had, name -> why (a broken file in data.path is an error)."""
-    skipped: dict[str, str] = {}
+    photos left out, name -> why: files in data.path that do not open as images (a folder is read
+    through datasets' imagefolder), or default photos this machine cannot have."""
     if path:
-        files = image_files(path)
-        if not files:
-            raise UserError(f"data.path={path}: no images found (looked for "
-                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
-        pairs = []
-        for f in files:
-            pairs.append((str(f), open_rgb(f)))
+        folder = read_image_folder(path, labels=False)  # whole photos: classes play no part
+        pairs, skipped = [], {}
+        for name, f in zip(folder.names, folder.files):
+            if limit and len(pairs) == limit:
+                break
+            try:
+                pairs.append((name, open_rgb(f)))
+            except UserError as exc:
+                skipped[name] = str(exc)
+        if not pairs:
+            raise UserError(f"data.path={path}: none of its images opens (first: "
+                            f"{next(iter(skipped.values()))})")
     else:
         pairs, skipped = held_out_photos()
-    pairs = pairs[:limit] if limit else pairs
+        pairs = pairs[:limit] if limit else pairs
     names = [n for n, _ in pairs]
     if not pairs:
         raise UserError("no evaluation images" + (f" (the default photos could not be loaded: "

@@ -103,9 +103,10 @@ def run(cfg, run: Run) -> dict:
     names, images, skipped = eval_images(cfg.data.path, size, cfg.data.get("limit"))
     n_img = len(names)
     if skipped:
-        console.print(f"[yellow]warning[/]: {len(skipped)} of the default evaluation photos could "
-                      f"not be loaded and are left out ({', '.join(skipped)}); metrics.json: "
-                      f"images_skipped")
+        which = "images in data.path" if cfg.data.path else "default evaluation photos"
+        console.print(f"[yellow]warning[/]: {len(skipped)} {which} could not be loaded and are "
+                      f"left out ({', '.join(skipped)}); metrics.json: images_skipped",
+                      soft_wrap=True)
     # the originals as 8-bit pixels, as every codec sees them
     images = torch.stack([to_tensor(to_image(x)) for x in images])
     run.update_env(eval_images=n_img, image_size=size, tile_size=tile, eval_names=names)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from tokctl.console import progress_bar
 from tokctl.errors import UserError
 from tokctl.imagetok.checkpoint import load_tokenizer
-from tokctl.imagetok.data import CropSampler
+from tokctl.imagetok.data import CropSampler, warn_skipped
 from tokctl.imagetok.prior import FORMAT, build_prior, save_prior
 from tokctl.imagetok.tokfile import bits_for
 from tokctl.runs import Run, atomic_torch_save
@@ -74,12 +74,13 @@ def run(cfg, run: Run) -> dict:
         size = tok.model.image_size
         sampler = CropSampler(list(cfg.data.folders), size, max_side=int(cfg.data.max_side),
                               seed=int(cfg.seed), grayscale=float(cfg.data.get("grayscale") or 0))
+        warn_skipped(sampler)
         val_sampler = CropSampler([], size, seed=12345, photos=sampler.photos)
         n, nv = int(cfg.data.crops), int(cfg.data.val_crops)
         with progress_bar("tokens of training crops", n + nv) as advance:
             train_tokens = crop_tokens(tok, sampler, n, advance)
             val_tokens = crop_tokens(tok, val_sampler, nv, advance)
-        run.update_env(photos=len(sampler.photos))
+        run.update_env(photos=len(sampler.photos), images_skipped=len(sampler.skipped))
     opt = torch.optim.AdamW(prior.parameters(), lr=t.lr, betas=(0.9, 0.98),
                             weight_decay=t.weight_decay)
     gen = torch.Generator().manual_seed(int(cfg.seed))

@@ -25,7 +25,7 @@ from tokctl.errors import UNREADABLE_FILE, UserError, one_line_error
 from tokctl.imagetok.checkpoint import (FORMAT, build_tokenizer, load_tokenizer, save_tokenizer,
                                         tokenizer_config)
 from tokctl.imagetok import proxy
-from tokctl.imagetok.data import CropSampler
+from tokctl.imagetok.data import CropSampler, warn_skipped
 from tokctl.imagetok.models.base import prefix_budgets
 from tokctl.imagetok.losses import psnr_per_image, reconstruction_loss, ssim_per_image
 from tokctl.runs import Run, atomic_torch_save
@@ -82,6 +82,7 @@ def run(cfg, run: Run) -> dict:
     sampler = CropSampler(list(cfg.data.folders), int(config["image_size"]),
                           max_side=int(cfg.data.max_side), seed=int(cfg.seed),
                           grayscale=float(cfg.data.get("grayscale") or 0.0))
+    warn_skipped(sampler)
     model = build_tokenizer(config)
     if proxy_weights:
         unexpected = model.load_state_dict(proxy_weights, strict=False).unexpected_keys
@@ -167,4 +168,5 @@ def run(cfg, run: Run) -> dict:
     elapsed = time.perf_counter() - start
     return {"steps": step, "images_seen": images_seen, "parameters": n_params,
             "train_images_per_s": (images_seen - (resume["images_seen"] if resume else 0)) / elapsed,
-            "photos": len(sampler.photos), **{f"val_{k}": v for k, v in last.items()}}
+            "photos": len(sampler.photos), "images_skipped": len(sampler.skipped),
+            **{f"val_{k}": v for k, v in last.items()}}

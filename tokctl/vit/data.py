@@ -1,6 +1,6 @@
 """Images to evaluate on: the default dataset (Fashion-MNIST's test split, shipped), an image
-folder (one subfolder per class, or unlabelled), a datasets-library dataset saved to disk, or
-synthetic noise for speed-only runs.
+folder (datasets' imagefolder: one subfolder per class, or unlabelled), a datasets-library
+dataset saved to disk, or synthetic noise for speed-only runs.
 
 Every source yields uint8 batches (B, C, H, W) already at the model's size and channel count,
 labels in the model's label space (-1 where unknown) and names; :func:`to_model_input` turns a
@@ -10,7 +10,6 @@ and named, never fatal.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,10 +17,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from tokctl.errors import UNREADABLE_FILE, UserError, one_line_error
+from tokctl.imagefolder import check_image_folder, read_image_folder
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# What PIL raises for a truncated, damaged or mislabelled file (and for an absurdly large one).
+BAD_IMAGE = (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -52,7 +54,7 @@ class ImageSource:
             for i in indices[start:start + batch_size]:
                 try:
                     images.append(self.loader(i))
-                except Exception as exc:  # noqa: BLE001 - a bad file is skipped and named
+                except BAD_IMAGE as exc:  # a file that is no image: skipped and named
                     self.skipped.setdefault(self.names[i], one_line_error(exc))
                     continue
                 labels.append(self.labels[i])
@@ -91,8 +93,6 @@ def _fit(image: torch.Tensor, info) -> torch.Tensor:
 
 
 def _decode(path: Path, channels: int) -> torch.Tensor:
-    from PIL import Image
-
     with Image.open(path) as img:
         img = img.convert("L" if channels == 1 else "RGB")
         arr = np.asarray(img, dtype=np.uint8)
@@ -146,39 +146,25 @@ def fashion_mnist_source(cfg, info) -> ImageSource:
 
 
 def folder_source(cfg, info) -> ImageSource:
+    """An image folder through datasets' imagefolder: labelled when it has one subfolder per
+    class and every class name matches one of the model's labels."""
     if not cfg.get("path"):
         raise UserError("data=folder needs data.path=FOLDER (images, or one subfolder of images per class)")
-    root = Path(str(cfg.path)).expanduser()
-    if not root.is_dir():
-        raise UserError(f"data.path={cfg.path} is not a folder")
-    top = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    by_class = {d.name: sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-                for d in subdirs}
-    by_class = {k: v for k, v in by_class.items() if v}
-    notes: list[str] = []
-    if not top and by_class:
-        classes = sorted(by_class)
-        mapping, unmatched = map_class_names(classes, info)
-        files = [f for c in classes for f in by_class[c]]
+    folder = read_image_folder(cfg.path)
+    labels, has_labels, notes = [-1] * len(folder.files), False, []
+    if folder.labels is not None:
+        mapping, unmatched = map_class_names(folder.classes, info)
         if mapping is None:
-            labels = [-1] * len(files)
             notes.append(f"class folders do not match the model's labels (unmatched: "
                          f"{', '.join(unmatched[:5])}{'...' if len(unmatched) > 5 else ''}); top-1 not measured")
         else:
-            labels = [mapping[c] for c in classes for _ in by_class[c]]
-        has_labels = mapping is not None
-    else:
-        files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        labels, has_labels = [-1] * len(files), False
-    if not files:
-        raise UserError(f"data.path={cfg.path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            labels, has_labels = [mapping[folder.classes[y]] for y in folder.labels], True
+    files = folder.files
 
     def load(i: int) -> torch.Tensor:
         return _fit(_decode(files[i], info.num_channels), info)
 
-    names = [str(f.relative_to(root)) for f in files]
-    return ImageSource(f"folder {root}", names, labels, load, has_labels, notes)
+    return ImageSource(f"folder {folder.root}", folder.names, labels, load, has_labels, notes)
 
 
 def hf_disk_source(cfg, info) -> ImageSource:
@@ -254,16 +240,10 @@ def check_early(cfg) -> None:
     if kind in ("folder", "hf_disk"):
         if not cfg.get("path"):
             raise UserError(f"data={kind} needs data.path=FOLDER")
-        path = Path(str(cfg.path)).expanduser()
-        if not path.exists():
-            raise UserError(f"data.path={cfg.path} does not exist")
         if kind == "folder":
-            if not path.is_dir():
-                raise UserError(f"data.path={cfg.path} is not a folder")
-            for _, _, files in os.walk(path):
-                if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
-                    return
-            raise UserError(f"data.path={cfg.path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            check_image_folder(cfg.path)
+        elif not Path(str(cfg.path)).expanduser().exists():
+            raise UserError(f"data.path={cfg.path} does not exist")
     limit = cfg.get("limit")
     if limit is not None and int(limit) < 1:
         raise UserError(f"data.limit={limit} must be >= 1 (or null for all)")

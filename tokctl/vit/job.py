@@ -284,13 +284,14 @@ def _evaluate(cfg, run, method, model, info, cinfo, patch, source, batch_size) -
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch_size": int(cfg.batch_size), "timed_batches": len(times["comp"]), "warmup_batches": int(cfg.warmup),
-        "num_skipped": len(source.skipped), "skipped": [f"{n}: {why}" for n, why in list(source.skipped.items())[:50]],
+        "images_skipped": len(source.skipped), "skipped": [f"{n}: {why}" for n, why in list(source.skipped.items())[:50]],
         "kernel": kernels.path_taken(), "data": source.description, "method_config": method.describe(), **fidelity, **search_info,
     }
     if source.skipped:
         run.write_text("skipped.txt", "".join(f"{n}\t{why}\n" for n, why in source.skipped.items()))
-        console.print(f"[yellow]skipped {len(source.skipped)} image(s) that did not decode[/] "
-                      f"(listed in {run.file('skipped.txt')})")
+        console.print(f"[yellow]warning[/]: skipped {len(source.skipped)} image(s) that did not "
+                      f"decode (first: {next(iter(source.skipped.items()))[0]}; all in "
+                      f"{run.file('skipped.txt')}); metrics.json: images_skipped", soft_wrap=True)
     top = (f"top-1 {metrics['top1']:.4f} (baseline {metrics['baseline_top1']:.4f}), "
            if labelled else "")
     fidelity_text = (f"agreement {metrics['agreement']:.4f}" if info.num_labels
