@@ -239,6 +239,7 @@ def run(cfg, run) -> dict[str, Any]:
     # The weight format, for the verify-cost table's key: each costs differently.
     target.quant = "prepacked" if packed else (None if quant == "none" else quant)
     if prompts is None:
+        long_context.check(cfg.data, settings.max_new_tokens, target.max_positions)
         with step(f"building data={cfg.data.name} at {cfg.data.context_tokens} tokens"):
             prompts = long_context.build(cfg.data, loaded.tokenizer, settings.max_new_tokens,
                                          target.max_positions)

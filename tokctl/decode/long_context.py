@@ -79,7 +79,10 @@ def passkey_prompts(data_cfg, tokenizer, chat) -> list[Prompt]:
         needle = NEEDLE.format(key=key)
         bare = _length(tokenizer, INTRO + needle + QUESTION, chat)
         per = max(1, len(tokenizer(FILLER, add_special_tokens=False)["input_ids"]))
-        count = max(1, (target - bare) // per)
+        if bare + per > target:
+            raise UserError(f"data.context_tokens={target} leaves no room for filler: the passkey "
+                            f"prompt's own text takes {bare} tokens with this tokenizer")
+        count = (target - bare) // per
         while True:  # a repeat's tokens differ slightly at the joins: trim until it fits
             at = round(depth * count)
             text = INTRO + FILLER * at + needle + FILLER * (count - at) + QUESTION
