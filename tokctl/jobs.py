@@ -43,6 +43,7 @@ JOBS: dict[str, Job] = {
             ("tokctl decode", "tokctl decode method=ar baseline=hf data.limit=4",
              "tokctl decode method=recycling also=[lookup] model.dtype=bfloat16",
              "tokctl decode model=hf model.id=HuggingFaceTB/SmolLM2-360M-Instruct",
+             "tokctl decode method=tidal also=[recycled_attention] baseline=ar data=passkey",
              "tokctl decode -m method=ar,hf")),
         Job("decode build-ngram", "decode", "build_ngram", "tokctl.decode.build_ngram:run",
             "Count token n-grams (the model's own answers to generic requests, or text files) "

@@ -26,6 +26,7 @@ class Prompt:
     id: str
     category: str
     turns: list[str]
+    answer: str | None = None  # what a correct output contains (data=passkey's key)
 
 
 def _datasets():
@@ -188,6 +189,9 @@ def rows_to_prompts(ds, data_cfg, where: Callable[[int], str], source: str) -> l
 
 
 def load_prompts(data_cfg) -> list[Prompt]:
+    if str(data_cfg.get("name")) in ("passkey", "long"):
+        raise UserError(f"data={data_cfg.name} is sized in the model's tokens: `tokctl decode` "
+                        f"builds it, this command does not take it")
     path = data_cfg.get("path")
     ds, where = open_dataset(path, data_cfg.get("split"))
     prompts = rows_to_prompts(ds, data_cfg, where, str(path or BUILTIN))

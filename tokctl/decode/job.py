@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from tokctl import kernels, measure
 from tokctl.console import console, progress_bar, step
+from tokctl.decode import long_context, long_figures
 from tokctl.decode.base import DecodingMethod, Generation
 from tokctl.decode.data import Prompt, encode, load_prompts
 from tokctl.decode.metrics import aggregate, print_summary
@@ -119,7 +120,9 @@ def eos_ids(loaded) -> frozenset[int]:
 class Runner:
     """One method on the shared model: generates every turn of a prompt and times it."""
 
-    def __init__(self, label: str, method: DecodingMethod, loaded, chat_template, device):
+    def __init__(self, label: str, method: DecodingMethod, loaded, chat_template, device,
+                 scored: bool = False):
+        self.scored = scored
         self.label = label
         self.method = method
         self.loaded = loaded
@@ -131,17 +134,22 @@ class Runner:
         messages: list[dict[str, str]] = []
         gens: list[Generation] = []
         texts, ids_per_turn, prompt_lens = [], [], []
-        elapsed = 0.0
+        elapsed = prefill_s = 0.0
+        ids_first = None
         generator = torch.Generator().manual_seed(seed)
         max_pos = self.method.target.max_positions
         for turn in prompt.turns:
             messages.append({"role": "user", "content": turn})
             ids = encode(tok, messages, self.chat_template)
+            ids_first = ids_first or ids
             if len(ids) >= max_pos:
                 return {"error": f"prompt has {len(ids)} tokens, more than the model's context "
                                  f"of {max_pos}"}
+            target = self.method.target
+            target.prefill_s = 0.0
             seconds, gen = measure.timed(lambda: self.method.generate(ids, settings, generator),
                                          self.device)
+            prefill_s += target.prefill_s
             elapsed += seconds
             gens.append(gen)
             text = tok.decode(gen.tokens, skip_special_tokens=True)
@@ -162,6 +170,10 @@ class Runner:
             "token_ids": ids_per_turn,
             "text": texts,
         }
+        if self.scored:  # long-context runs: prefill apart, answers, the full model's perplexity
+            row["prefill_s"] = prefill_s
+            long_figures.answer_figures(row, prompt.answer)
+            row["nll"] = long_figures.full_model_nll(self.method.target, ids_first, gens[0].tokens)
         extra: dict[str, Any] = {}
         for g in gens:
             for k, v in g.extra.items():
@@ -177,7 +189,11 @@ def run(cfg, run) -> dict[str, Any]:
 
     kernels.reset_counts()
     settings = settings_from(cfg)
-    prompts = load_prompts(cfg.data)  # a bad data file fails before the model loads
+    if long_context.wanted(cfg.data):
+        long_context.check(cfg.data, settings.max_new_tokens)
+        prompts = None  # sized in the model's tokens: built once the tokenizer loads
+    else:
+        prompts = load_prompts(cfg.data)  # a bad data file fails before the model loads
     baseline_name = cfg.get("baseline")
     method = build_method(cfg.method)
     baseline = build_method(method_config(str(baseline_name))) if baseline_name else None
@@ -222,6 +238,11 @@ def run(cfg, run) -> dict[str, Any]:
                          compile=bool(cfg.get("compile", False)), exact=bool(cfg.get("exact", False)))
     # The weight format, for the verify-cost table's key: each costs differently.
     target.quant = "prepacked" if packed else (None if quant == "none" else quant)
+    if prompts is None:
+        long_context.check(cfg.data, settings.max_new_tokens, target.max_positions)
+        with step(f"building data={cfg.data.name} at {cfg.data.context_tokens} tokens"):
+            prompts = long_context.build(cfg.data, loaded.tokenizer, settings.max_new_tokens,
+                                         target.max_positions)
     if cfg.get("verify_cost", "cached") not in ("cached", "measure"):
         raise UserError(f"verify_cost={cfg.verify_cost} must be 'cached' or 'measure'")
     target.remeasure_cost = cfg.get("verify_cost") == "measure"
@@ -234,10 +255,11 @@ def run(cfg, run) -> dict[str, Any]:
                   f"{torch.get_num_threads()} threads)[/]")
     chat = cfg.data.get("chat_template", "auto")
     device = loaded.info["device"]
-    runners = [Runner("method", method, loaded, chat, device)]
-    runners += [Runner(m.label, m, loaded, chat, device) for m in also]
+    scored = long_context.wanted(cfg.data)
+    runners = [Runner("method", method, loaded, chat, device, scored)]
+    runners += [Runner(m.label, m, loaded, chat, device, scored) for m in also]
     if baseline is not None:
-        runners.append(Runner("baseline", baseline, loaded, chat, device))
+        runners.append(Runner("baseline", baseline, loaded, chat, device, scored))
     for r in runners:
         r.method.setup(target, loaded)
 
@@ -290,6 +312,9 @@ def run(cfg, run) -> dict[str, Any]:
 def _against(result: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
     """A method's sample result with its exactness and speedup against the baseline's."""
     out = dict(result)
+    if "prefill_s" in result:  # a long-context run: agreement, decode time without the prefill
+        out.update(long_figures.sample_figures(result, None if base is None or "error" in base
+                                               else base))
     if base is not None and "error" not in result and "error" not in base:
         out["identical_to_baseline"] = result["token_ids"] == base["token_ids"]
         out["speedup"] = measure.ratio(base["time_s"], result["time_s"],

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tokctl import measure
 from tokctl.console import console
+from tokctl.decode import long_figures
 
 
 def _group(rows: list[dict[str, Any]], has_baseline: bool) -> dict[str, Any]:
@@ -38,6 +39,7 @@ def _group(rows: list[dict[str, Any]], has_baseline: bool) -> dict[str, Any]:
         out.update(measure.speedup_figures(overall, [r.get("speedup") for r in rows]))
         ident = [bool(r.get("identical_to_baseline")) for r in rows]
         out["identical_to_baseline"] = sum(ident) / len(ident) if ident else None
+    out.update(long_figures.group_figures(rows, has_baseline))
     return out
 
 
@@ -90,6 +92,8 @@ def print_summary(metrics: dict[str, Any], method: str, baseline: str | None) ->
                       f"interquartile {_f(metrics['speedup_q25'])}-{_f(metrics['speedup_q75'])}")
     if metrics.get("also"):
         _print_methods(metrics, method, baseline)
+    if baseline and metrics.get("decode_speedup") is not None:
+        _print_long(metrics, method, baseline)
     if metrics.get("failed_samples"):
         console.print(f"[yellow]{metrics['failed_samples']} sample(s) failed; their reasons are "
                       f"in samples.jsonl[/]")
@@ -111,3 +115,22 @@ def _print_methods(metrics: dict[str, Any], method: str, baseline: str | None) -
     table.add_row("[bold]overall[/]", *[cell(m) for _, m in methods], end_section=True)
     table.add_row("identical", *[_f(m.get("identical_to_baseline")) for _, m in methods])
     console.print(table)
+
+
+def _print_long(metrics: dict[str, Any], method: str, baseline: str) -> None:
+    """Long-context figures: decode speed without the prefill, answers, agreement, cache read."""
+    methods = [(method, metrics), *(metrics.get("also") or {}).items()]
+    table = Table(title=f"long context: against {baseline} (prefill left out of the speeds)")
+    for c in ["method", "decode tok/s", "decode speedup", "accuracy", "agreement (prefix)",
+              "perplexity", "cache read"]:
+        table.add_column(c, justify="left" if c == "method" else "right")
+    for name, m in methods:
+        table.add_row(name, _f(m.get("decode_tokens_per_s"), 1), _f(m.get("decode_speedup")),
+                      _f(m.get("accuracy")),
+                      f"{_f(m.get('agreement'))} ({_f(m.get('agreement_prefix'))})",
+                      _f(m.get("perplexity")), _f(m.get("cache_read")))
+    table.add_row(baseline, _f(metrics.get("baseline_decode_tokens_per_s"), 1), "1.00",
+                  _f(metrics.get("baseline_accuracy")), "1.00 (1.00)",
+                  _f(metrics.get("baseline_perplexity")), "1.00", end_section=True)
+    console.print(table)
+    console.print(f"prefill: {_f(metrics.get('prefill_s'))} s per prompt (mean), timed apart")

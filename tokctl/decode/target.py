@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from tokctl import measure
 from tokctl.errors import UserError
 from tokctl.models import fast_llama
 
@@ -53,6 +54,8 @@ class Target:
         self.length = 0  # committed tokens
         self._pending = 0
         self.forward_calls = 0
+        self.prefill_s = 0.0  # seconds spent in prefill() since the caller last zeroed it
+        self.prompt: torch.Tensor | None = None
 
     # --- subclass hooks --------------------------------------------------------------------------
     def _reset(self, capacity: int) -> None:
@@ -77,7 +80,11 @@ class Target:
         self._reset(capacity or ids.numel() + 256)
         self.length = 0
         self._pending = 0
-        logits = self._run(ids, None, last_only=not all_logits)
+        # Timed apart so that long-context runs can report decode speed without the prefill.
+        seconds, logits = measure.timed(lambda: self._run(ids, None, last_only=not all_logits),
+                                        self.device)
+        self.prefill_s += seconds
+        self.prompt = ids  # what the cache's first slots hold, until the next prefill
         self.forward_calls = 1
         self.length = ids.numel()
         return logits if all_logits else logits[-1]

@@ -122,6 +122,8 @@ class FastLlama:
         self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj])
                     for l in self.layers]
         self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        # Sparse decoding's hook: when set, (layer, q, k, v, allowed) -> out replaces attention.
+        self.layer_attention = None
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or 1 << 30
         # cos/sin for every position, from HF's own rotary module (same arithmetic and scaling).
         size = min(self.max_positions, 1 << 15)
@@ -183,7 +185,9 @@ class FastLlama:
             q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
             keys[i].index_copy_(1, slots, k)
             values[i].index_copy_(1, slots, v)
-            out = self.attention(q, keys[i, :, :window], values[i, :, :window], allowed)
+            kv = (keys[i, :, :window], values[i, :, :window], allowed)
+            out = (self.attention(q, *kv) if self.layer_attention is None
+                   else self.layer_attention(i, q, *kv))
             h = h + layer.self_attn.o_proj(out.transpose(0, 1).reshape(1, n, -1))
             x = self._rms(h, layer.post_attention_layernorm.weight)
             gate, up = self.gate_up[i](x).chunk(2, dim=-1)
