@@ -92,11 +92,12 @@ class TokenBytes:
         self.sorted_ids = torch.tensor(order, dtype=torch.long)
         self.sorted_bytes = [self.bytes[i] for i in order]
         self.sorted_len = torch.tensor([len(b) for b in self.sorted_bytes], dtype=torch.long)
-        cols = torch.full((len(order), PREFIX_COLUMNS), 256, dtype=torch.int16)
-        for row, b in enumerate(self.sorted_bytes):
-            head = b[:PREFIX_COLUMNS]
-            cols[row, : len(head)] = torch.tensor(list(head), dtype=torch.int16)
-        self.columns = cols
+        packed = b"".join(b[:PREFIX_COLUMNS].ljust(PREFIX_COLUMNS, b"\0")
+                          for b in self.sorted_bytes)
+        cols = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+        cols = cols.view(-1, PREFIX_COLUMNS).to(torch.int16)
+        short = torch.arange(PREFIX_COLUMNS)[None, :] >= self.sorted_len[:, None]
+        self.columns = cols.masked_fill(short, 256)  # 256: the token has no byte there
         # the first byte of every id (256 for ids without bytes), for whole-vocabulary sums
         first = torch.full((size,), 257, dtype=torch.long)
         first[self.sorted_ids] = cols[:, 0].long()
