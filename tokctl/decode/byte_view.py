@@ -19,8 +19,10 @@ What "exact" means. The model is restricted to canonical encodings (those the to
 produces): after every node, the tokens that would make a non-canonical sequence are removed and
 the rest renormalised. The byte distribution is then exactly the byte marginal of that process,
 end of text (EOS) included as outcome 256. ``prune`` > 0 trades exactness for speed in two ways,
-each bounded by ``prune`` of the probability mass at a step: nodes and new nodes are dropped from
-the least likely up while their total share stays within ``prune``; and a node's tokens are
+each bounded by ``prune`` of the probability mass at a step: new nodes are not run (no model
+call) and old nodes are dropped, from the least likely up, while their total share stays within
+``prune`` (a byte that only they could spell, as when scoring a given text, runs the passed-over
+new nodes after all, or failing that reads the text afresh); and a node's tokens are
 checked for canonicity from the most likely down only until the unchecked rest holds at most
 ``prune`` of the step's mass (at most ``max_checks`` tokens), the rest kept unchecked.
 ``prune=0`` is exact and checks every token.
@@ -90,6 +92,8 @@ class ByteView:
         self._dist: torch.Tensor | None = None
         self._seen: bytes | None = None  # the prompt next_byte_distribution last answered
         self._vecs: list[torch.Tensor] = []  # each node's share of the last distribution
+        self._dormant: list[tuple[tuple[int, ...], float]] = []  # new nodes pruning passed over
+        self._top = self._total = 0.0
         self.context_ids: list[int] = []  # the tokens in the KV cache
         self.context_length = 0
         self.room = 512
@@ -299,20 +303,39 @@ class ByteView:
         if total <= 0:
             raise RuntimeError("no token sequence covers these bytes")
         budget = self.prune * total
+        self._dormant = []  # the least likely new nodes: not worth a model call unless needed
         while spawn and math.exp(spawn[0][1] - top) <= budget:
             budget -= math.exp(spawn[0][1] - top)
-            spawn.pop(0)  # the least likely new nodes are not worth a model call
-        if spawn:
-            logits = self._forward(seq for seq, _ in spawn)
-            for seq, lw in spawn:
-                node = Node(seq, n, lw, self._expand(seq, logits[seq],
-                                                     math.exp(lw - top) / total))
-                vec, _ = self._contribution(node, n)
-                vecs.append(vec * math.exp(lw - top))
-                self.nodes.append(node)
-        self._vecs = vecs
-        dist = torch.stack(vecs).sum(0)[:257]
+            self._dormant.append(spawn.pop(0))
+        self._vecs, self._top, self._total = vecs, top, total
+        self._spawn(spawn)
+        dist = torch.stack(self._vecs).sum(0)[:257]
         return dist / dist.sum()
+
+    def _spawn(self, spawn: list[tuple[tuple[int, ...], float]]) -> None:
+        """New nodes ending at the end of the text, in one model call."""
+        if not spawn:
+            return
+        n = len(self.data)
+        logits = self._forward(seq for seq, _ in spawn)
+        for seq, lw in spawn:
+            node = Node(seq, n, lw, self._expand(seq, logits[seq],
+                                                 math.exp(lw - self._top) / self._total))
+            vec, _ = self._contribution(node, n)
+            self._vecs.append(vec * math.exp(lw - self._top))
+            self.nodes.append(node)
+
+    def probability(self, byte: int) -> float:
+        """P(next byte = ``byte``). Where pruning left it no sequence, the new nodes it passed
+        over are run after all, and the distribution is recomputed with them."""
+        q = float(self.distribution()[byte])
+        if q <= 0 and self._dormant:
+            self._spawn(self._dormant)
+            self._dormant = []
+            dist = torch.stack(self._vecs).sum(0)[:257]
+            self._dist = dist / dist.sum()
+            q = float(self._dist[byte])
+        return q
 
     def append(self, byte: int) -> None:
         """Move on by one byte. The nodes that give it no probability are gone; of the others,
@@ -321,9 +344,9 @@ class ByteView:
         byte = int(byte)
         if not 0 <= byte < 256:
             raise ValueError(f"{byte} is not a byte")
-        if float(self.distribution()[byte]) <= 0:
+        if self.probability(byte) <= 0:
             self.restart()
-            if float(self.distribution()[byte]) <= 0:
+            if self.probability(byte) <= 0:
                 raise ValueError(f"byte 0x{byte:02x} has probability 0 here")
         mass = [float(v[byte]) for v in self._vecs]
         budget = self.prune * sum(mass)
@@ -392,6 +415,9 @@ def loglik_combined(views: list[ByteView], weights: list[float], how: str,
     """The same for several views whose distributions are combined (see :func:`combine`)."""
     total = 0.0
     for b in continuation:
+        for v in views:
+            if v.probability(b) <= 0:
+                v.restart()  # pruning dropped every sequence that spells it: read afresh
         q = float(combine([v.distribution() for v in views], weights, how)[b])
         if q <= 0:
             return float("-inf")

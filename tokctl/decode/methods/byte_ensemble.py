@@ -50,12 +50,14 @@ class ByteEnsemble(DecodingMethod):
         self.other_eos = frozenset(ids + ([self.other.tokenizer.eos_token_id]
                                           if self.other.tokenizer.eos_token_id is not None else []))
 
-    def views(self, prompt_ids: list[int], settings: Settings, room: int) -> list[ByteView]:
-        mine = ByteView(self.target, self.target.tokenizer, settings.eos_ids, self.prune)
+    def views(self, prompt_ids: list[int], settings: Settings, room: int,
+              prune: float | None = None) -> list[ByteView]:
+        prune = self.prune if prune is None else prune
+        mine = ByteView(self.target, self.target.tokenizer, settings.eos_ids, prune)
         mine.start(prompt_ids, "exact", room=room)
         tok = self.other.tokenizer
         text = self.target.tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        theirs = ByteView(self.other_target, tok, self.other_eos, self.prune)
+        theirs = ByteView(self.other_target, tok, self.other_eos, prune)
         theirs.start(list(tok(text, add_special_tokens=True)["input_ids"]), "exact", room=room)
         return [mine, theirs]
 
@@ -70,7 +72,7 @@ class ByteEnsemble(DecodingMethod):
         return gen
 
     def score(self, prompt_ids: list[int], continuation: bytes, settings: Settings) -> float:
-        views = self.views(prompt_ids, settings, len(continuation) + 64)
+        views = self.views(prompt_ids, settings, len(continuation) + 64, self.score_prune)
         return loglik_combined(views, [self.weight, 1 - self.weight], self.combine, continuation)
 
     def run_info(self):
