@@ -97,6 +97,7 @@ class ByteView:
         self.context_ids: list[int] = []  # the tokens in the KV cache
         self.context_length = 0
         self.room = 512
+        self.capacity = 0
 
     # --- the model side --------------------------------------------------------------------------
     @property
@@ -118,7 +119,7 @@ class ByteView:
                     index[seq[:i]] = len(tokens)
                     parents.append(index[seq[: i - 1]])
                     tokens.append(seq[i - 1])
-        if self.context_length + len(tokens) >= self.target.max_positions:
+        if self.context_length + len(tokens) > min(self.capacity, self.target.max_positions - 1):
             raise ContextFull()
         if not tokens:
             return {(): self.root_logits}
@@ -183,6 +184,7 @@ class ByteView:
         self.context_length = len(context)
         self.context_ids = list(context)
         self.room = room
+        self.capacity = len(context) + room
         root = Node((), 0, 0.0, self._expand((), self.root_logits, 1.0))
         if mode != "exact" or not self.data:
             self.nodes = [root]
