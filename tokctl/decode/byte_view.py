@@ -159,7 +159,7 @@ class ByteView:
     def _length(self, seq: tuple[int, ...]) -> int:
         return sum(len(self.vocab.bytes[t]) for t in seq)
 
-    # --- starting ----------------------------------------------------------------------------------
+    # --- starting --------------------------------------------------------------------------------
     def start(self, ids: list[int], mode: str = "exact", room: int = 512) -> None:
         """Condition on the prompt ``ids``; ``room``: tokens the KV cache keeps free beyond it."""
         if mode not in MODES:

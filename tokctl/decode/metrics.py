@@ -57,7 +57,8 @@ def _group(rows: list[dict[str, Any]], has_baseline: bool) -> dict[str, Any]:
         out["baseline_time_s"] = b_t
         out["baseline_tokens_per_s"] = b_new / b_t if b_t > 0 else None
         out["baseline_mean_accepted_tokens"] = b_new / b_steps if b_steps else None
-        out.update({f"baseline_{k}": v for k, v in _per_byte([r["baseline"] for r in rows]).items()})
+        base = _per_byte([r["baseline"] for r in rows])
+        out.update({f"baseline_{k}": v for k, v in base.items()})
         if any(r.get("unit") == "bytes" or r["baseline"].get("unit") == "bytes" for r in rows):
             new, b_new = out["new_bytes"], out["baseline_new_bytes"]  # speedup in bytes/s
         overall = measure.ratio(b_t, t, b_new, new) if new else None
