@@ -27,6 +27,8 @@ class Prompt:
     category: str
     turns: list[str]
     answer: str | None = None  # what a correct output contains (data=passkey's key)
+    reference: str | None = None  # the true continuation of a cut prompt (data=cut)
+    match_bytes: int = 0  # how many of its bytes exact match compares
 
 
 def _datasets():
@@ -204,6 +206,10 @@ def load_prompts(data_cfg) -> list[Prompt]:
             raise UserError(f"data.categories: no prompts in {', '.join(unknown)}; "
                             f"categories here: {', '.join(known)}")
         prompts = [p for p in prompts if p.category in cats]
+    if data_cfg.get("cut"):
+        from tokctl.decode.cut import cut_prompts
+
+        prompts = cut_prompts(prompts, data_cfg)
     per_cat = data_cfg.get("per_category")
     if per_cat:
         seen: dict[str, int] = {}
@@ -219,7 +225,8 @@ def load_prompts(data_cfg) -> list[Prompt]:
             raise UserError(f"data.limit={limit} must be at least 1")
         prompts = prompts[: int(limit)]
     if not data_cfg.get("multi_turn", False):
-        prompts = [Prompt(p.id, p.category, p.turns[:1]) for p in prompts]
+        prompts = [Prompt(p.id, p.category, p.turns[:1], p.reference, p.match_bytes)
+                   for p in prompts]
     return prompts
 
 

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from tokctl import kernels, measure
 from tokctl.console import console, progress_bar, step
 from tokctl.decode import long_context, long_figures
+from tokctl.decode import cut
 from tokctl.decode.base import DecodingMethod, Generation
 from tokctl.decode.data import Prompt, encode, load_prompts
 from tokctl.decode.metrics import aggregate, print_summary
@@ -136,6 +137,7 @@ class Runner:
         texts, ids_per_turn, prompt_lens = [], [], []
         elapsed = prefill_s = 0.0
         ids_first = None
+        new_bytes = 0
         generator = torch.Generator().manual_seed(seed)
         max_pos = self.method.target.max_positions
         for turn in prompt.turns:
@@ -152,7 +154,13 @@ class Runner:
             prefill_s += target.prefill_s
             elapsed += seconds
             gens.append(gen)
-            text = tok.decode(gen.tokens, skip_special_tokens=True)
+            if gen.new_bytes is None:
+                text = tok.decode(gen.tokens, skip_special_tokens=True)
+                made = text.encode("utf-8")
+            else:
+                made = gen.new_bytes
+                text = made.decode("utf-8", errors="replace")
+            new_bytes += len(made)
             texts.append(text)
             ids_per_turn.append(gen.tokens)
             prompt_lens.append(len(ids))
@@ -165,6 +173,10 @@ class Runner:
             "tokens_per_s": new_tokens / elapsed if elapsed > 0 else None,
             "steps": steps,
             "accepted_per_step": new_tokens / steps if steps else None,
+            "unit": self.method.unit,
+            "new_bytes": new_bytes,
+            "bytes_per_s": new_bytes / elapsed if elapsed > 0 else None,
+            "calls_per_byte": steps / new_bytes if new_bytes else None,
             "finish_reason": [g.finish_reason for g in gens],
             "prompt_tokens": prompt_lens,
             "token_ids": ids_per_turn,
@@ -174,6 +186,8 @@ class Runner:
             row["prefill_s"] = prefill_s
             long_figures.answer_figures(row, prompt.answer)
             row["nll"] = long_figures.full_model_nll(self.method.target, ids_first, gens[0].tokens)
+        if prompt.reference is not None:  # a cut prompt (data=cut): one turn, scored untimed
+            row.update(cut.score(self.method, ids, made, prompt, settings))
         extra: dict[str, Any] = {}
         for g in gens:
             for k, v in g.extra.items():
@@ -316,10 +330,19 @@ def _against(result: dict[str, Any], base: dict[str, Any] | None) -> dict[str, A
         out.update(long_figures.sample_figures(result, None if base is None or "error" in base
                                                else base))
     if base is not None and "error" not in result and "error" not in base:
-        out["identical_to_baseline"] = result["token_ids"] == base["token_ids"]
+        if by_bytes(result, base):  # a byte-level method: its text and bytes/s are what compare
+            out["identical_to_baseline"] = result["text"] == base["text"]
+            work = "new_bytes"
+        else:
+            out["identical_to_baseline"] = result["token_ids"] == base["token_ids"]
+            work = "new_tokens"
         out["speedup"] = measure.ratio(base["time_s"], result["time_s"],
-                                       max(1, base["new_tokens"]), result["new_tokens"])
+                                       max(1, base[work]), result[work])
     return out
+
+
+def by_bytes(*results: dict[str, Any]) -> bool:
+    return any(r.get("unit") == "bytes" for r in results)
 
 
 def _plot(run, metrics: dict[str, Any], method, also) -> str | None:
@@ -346,8 +369,10 @@ def _progress_info(rows: list[dict[str, Any]]) -> str:
     done = [r for r in rows if "error" not in r]
     if not done:
         return ""
-    tps = sum(r["new_tokens"] for r in done) / max(1e-9, sum(r["time_s"] for r in done))
-    return f"{tps:.1f} tok/s"
+    t = max(1e-9, sum(r["time_s"] for r in done))
+    if by_bytes(*done):
+        return f"{sum(r['new_bytes'] for r in done) / t:.1f} bytes/s"
+    return f"{sum(r['new_tokens'] for r in done) / t:.1f} tok/s"
 
 
 def _metrics(rows, method, baseline, also, settings, partial: bool = False) -> dict[str, Any]:
@@ -359,7 +384,8 @@ def _metrics(rows, method, baseline, also, settings, partial: bool = False) -> d
                            "baseline": r["baseline"]} for r in rows if "also" in r]
             metrics["also"][m.label] = {**aggregate(extra_rows, has_baseline=True),
                                        "method_info": m.run_info()}
-    metrics.update(method=method.name, baseline=baseline.name if baseline else None,
+    metrics.update(method=method.name, unit=method.unit,
+                   baseline=baseline.name if baseline else None,
                    temperature=settings.sampling.temperature, max_new_tokens=settings.max_new_tokens,
                    threads=torch.get_num_threads(), method_info=method.run_info(),
                    baseline_info=baseline.run_info() if baseline else None,

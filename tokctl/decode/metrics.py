@@ -16,6 +16,28 @@ from tokctl.console import console
 from tokctl.decode import long_figures
 
 
+def _per_byte(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Speed per byte (every method), and the cut-prompt scores where the rows have them."""
+    made = sum(r.get("new_bytes", 0) for r in rows)
+    t = sum(r["time_s"] for r in rows)
+    out: dict[str, Any] = {
+        "new_bytes": made,
+        "bytes_per_s": made / t if t > 0 else None,
+        "calls_per_byte": sum(r["steps"] for r in rows) / made if made else None,
+    }
+    scored = [r for r in rows if "exact_match" in r]
+    if scored:
+        out["exact_match"] = sum(r["exact_match"] for r in scored) / len(scored)
+        out["ref_logprob_per_byte"] = sum(r["ref_logprob_per_byte"] for r in scored) / len(scored)
+        mid = [r for r in scored if r.get("mid_token")]
+        out["mid_token_cuts"] = len(mid)
+        if mid:
+            out["exact_match_mid_token"] = sum(r["exact_match"] for r in mid) / len(mid)
+            out["ref_logprob_per_byte_mid_token"] = (
+                sum(r["ref_logprob_per_byte"] for r in mid) / len(mid))
+    return out
+
+
 def _group(rows: list[dict[str, Any]], has_baseline: bool) -> dict[str, Any]:
     new = sum(r["new_tokens"] for r in rows)
     t = sum(r["time_s"] for r in rows)
@@ -26,6 +48,7 @@ def _group(rows: list[dict[str, Any]], has_baseline: bool) -> dict[str, Any]:
         "time_s": t,
         "tokens_per_s": new / t if t > 0 else None,
         "mean_accepted_tokens": new / steps if steps else None,
+        **_per_byte(rows),
     }
     if has_baseline:
         b_new = sum(r["baseline"]["new_tokens"] for r in rows)
@@ -35,6 +58,10 @@ def _group(rows: list[dict[str, Any]], has_baseline: bool) -> dict[str, Any]:
         out["baseline_time_s"] = b_t
         out["baseline_tokens_per_s"] = b_new / b_t if b_t > 0 else None
         out["baseline_mean_accepted_tokens"] = b_new / b_steps if b_steps else None
+        base = _per_byte([r["baseline"] for r in rows])
+        out.update({f"baseline_{k}": v for k, v in base.items()})
+        if any(r.get("unit") == "bytes" or r["baseline"].get("unit") == "bytes" for r in rows):
+            new, b_new = out["new_bytes"], out["baseline_new_bytes"]  # speedup in bytes/s
         overall = measure.ratio(b_t, t, b_new, new) if new else None
         out.update(measure.speedup_figures(overall, [r.get("speedup") for r in rows]))
         ident = [bool(r.get("identical_to_baseline")) for r in rows]
@@ -94,6 +121,8 @@ def print_summary(metrics: dict[str, Any], method: str, baseline: str | None) ->
         _print_methods(metrics, method, baseline)
     if baseline and metrics.get("decode_speedup") is not None:
         _print_long(metrics, method, baseline)
+    if metrics.get("exact_match") is not None or metrics.get("unit") == "bytes":
+        _print_per_byte(metrics, method, baseline)
     if metrics.get("failed_samples"):
         console.print(f"[yellow]{metrics['failed_samples']} sample(s) failed; their reasons are "
                       f"in samples.jsonl[/]")
@@ -134,3 +163,27 @@ def _print_long(metrics: dict[str, Any], method: str, baseline: str) -> None:
                   _f(metrics.get("baseline_perplexity")), "1.00", end_section=True)
     console.print(table)
     console.print(f"prefill: {_f(metrics.get('prefill_s'))} s per prompt (mean), timed apart")
+
+
+def _print_per_byte(metrics: dict[str, Any], method: str, baseline: str | None) -> None:
+    """Every method of the run per byte: speed, model calls, and on cut prompts (data=cut) exact
+    match of the first bytes and the reference's log-likelihood (overall, then mid-token cuts)."""
+    methods = [(method, metrics), *(metrics.get("also") or {}).items()]
+    if baseline:
+        methods.append((baseline, {k.removeprefix("baseline_"): v for k, v in metrics.items()
+                                   if k.startswith("baseline_")}))
+    scored = metrics.get("exact_match") is not None
+    table = Table(title="per byte" + (" (cut prompts: all | mid-token cuts)" if scored else ""))
+    cols = ["method", "bytes/s", "calls/byte"]
+    if scored:
+        cols += ["exact match", "log-lik/byte"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "method" else "right")
+    for name, m in methods:
+        cells = [name, _f(m.get("bytes_per_s"), 1), _f(m.get("calls_per_byte"), 3)]
+        if scored:
+            cells += [f"{_f(m.get('exact_match'))} | {_f(m.get('exact_match_mid_token'))}",
+                      f"{_f(m.get('ref_logprob_per_byte'), 3)} | "
+                      f"{_f(m.get('ref_logprob_per_byte_mid_token'), 3)}"]
+        table.add_row(*cells)
+    console.print(table)
