@@ -10,8 +10,9 @@ model is loaded and reported as one line that names the file and the line (or ro
 
 from __future__ import annotations
 
+
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -225,8 +226,7 @@ def load_prompts(data_cfg) -> list[Prompt]:
             raise UserError(f"data.limit={limit} must be at least 1")
         prompts = prompts[: int(limit)]
     if not data_cfg.get("multi_turn", False):
-        prompts = [Prompt(p.id, p.category, p.turns[:1], p.reference, p.match_bytes)
-                   for p in prompts]
+        prompts = [replace(p, turns=p.turns[:1]) for p in prompts]
     return prompts
 
 
