@@ -102,3 +102,21 @@ def test_fused_layers_give_each_layers_output_side_by_side(fmt):
     if fmt == "plain":  # the originals now read the fused weight's rows: no second copy
         assert layers[1].weight.data_ptr() == fused.weight.data_ptr() + 48 * 64 * 4
         torch.testing.assert_close(torch.cat([m(x) for m in layers], dim=-1), apart)
+
+
+def test_exact_rows_agree_past_512_cached_positions():
+    """exact=true: a tree row and a one-token step at the same position agree bit for bit even
+    with a long cache, where attention over different key counts would round differently."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=500, hidden_size=384, intermediate_size=768, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048)
+    model = prepack(LlamaForCausalLM(cfg).eval().to(torch.bfloat16))
+    ids = torch.randint(0, 500, (640,), generator=torch.Generator().manual_seed(2)).tolist()
+    tree, chain = FastTarget(model, None, exact=True), FastTarget(model, None, exact=True)
+    tree.prefill(ids[:600])
+    chain.prefill(ids[:600])
+    block = tree.forward(ids[600:640])
+    for i, token in enumerate(ids[600:640]):
+        step = chain.forward([token])
+        chain.commit([0])
+        assert torch.equal(block[i], step[0]), i

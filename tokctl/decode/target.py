@@ -159,8 +159,9 @@ class FastTarget(Target):
     """The lean forward over a fixed-capacity cache. ``compile``: steps run through
     ``torch.compile`` with blocks padded to :data:`fast_llama.BUCKETS` and attention over the whole
     capacity (a few fixed shapes). ``exact``: every block, a one-token ``ar`` step included, is
-    padded to one size (``exact_block``), so that a row's result cannot depend on how many rows run
-    beside it (batch invariance; bf16 matmul kernels round differently for 1 and for n rows).
+    padded to one size (``exact_block``) and attends over the whole capacity, so that a row's
+    result cannot depend on how many rows run beside it (batch invariance: bf16 matmul kernels
+    round differently for 1 and for n rows, and attention for different key counts).
     ``compile_backend``: Inductor for real runs; tests check graph capture with a cheaper one."""
 
     backend = "fast"
@@ -220,7 +221,11 @@ class FastTarget(Target):
             m = hi - lo
             b = fast_llama.bucket(m, self.buckets)
             cparents = [p - lo if p >= lo else -1 for p in parents[lo:hi]]
-            window = self.cache.capacity if self.compiled else self.length + lo + b
+            # Exact steps also attend over the whole capacity: torch's CPU attention reduces a
+            # row differently for different key counts, so a tree row and `ar`'s step at the same
+            # position must see the same number of (masked) slots to agree bit for bit.
+            fixed = self.compiled or self.exact
+            window = self.cache.capacity if fixed else self.length + lo + b
             outs.append(self._block(tokens[lo:hi], cparents, lo, m, pad_to=b, window=window))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return out[-1:] if last_only else out
