@@ -6,29 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
-
+from cli_helpers import one_error_line, tokctl
 from conftest import build_tiny_lm
-from tokctl.cli import app
-
-runner = CliRunner()
-
-
-def tokctl(*args):
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.output
 
 
 def tiny(tiny_lm_dir, tmp_path, *extra):
     return ["decode", "model=hf", f"model.path={tiny_lm_dir}", f"hydra.run.dir={tmp_path / 'run'}",
             "max_new_tokens=6", "warmup=0", "threads=1", *extra]
-
-
-def one_error_line(output):
-    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), output
-    assert "Traceback" not in output
-    return lines[0]
 
 
 def test_cut_prompts_three_ways_in_one_run(tiny_lm_dir, tmp_path):

@@ -63,11 +63,16 @@ def test_packed_linear_is_the_linear_and_batch_invariant():
 def test_prepacked_tree_rows_equal_one_token_steps():
     model = prepack(_bf16_llama())
     ids = torch.randint(0, 3001, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    tree, chain = FastTarget(model, None), FastTarget(model, None)
-    tree.prefill(ids[:30])
-    chain.prefill(ids[:30])
-    block = tree.forward(ids[30:40])
-    for i, token in enumerate(ids[30:40]):
+    assert_block_rows_equal_steps(model, ids, prefix=30)
+
+
+def assert_block_rows_equal_steps(model, ids, prefix, **target_opts):
+    """The tokens after ``prefix`` run as one block and one at a time: each row bit for bit."""
+    tree, chain = FastTarget(model, None, **target_opts), FastTarget(model, None, **target_opts)
+    tree.prefill(ids[:prefix])
+    chain.prefill(ids[:prefix])
+    block = tree.forward(ids[prefix:])
+    for i, token in enumerate(ids[prefix:]):
         step = chain.forward([token])
         chain.commit([0])
         assert torch.equal(block[i], step[0]), i
@@ -112,11 +117,4 @@ def test_exact_rows_agree_past_512_cached_positions():
                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048)
     model = prepack(LlamaForCausalLM(cfg).eval().to(torch.bfloat16))
     ids = torch.randint(0, 500, (640,), generator=torch.Generator().manual_seed(2)).tolist()
-    tree, chain = FastTarget(model, None, exact=True), FastTarget(model, None, exact=True)
-    tree.prefill(ids[:600])
-    chain.prefill(ids[:600])
-    block = tree.forward(ids[600:640])
-    for i, token in enumerate(ids[600:640]):
-        step = chain.forward([token])
-        chain.commit([0])
-        assert torch.equal(block[i], step[0]), i
+    assert_block_rows_equal_steps(model, ids, prefix=600, exact=True)

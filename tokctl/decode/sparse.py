@@ -91,7 +91,8 @@ class SparseDecoding(Autoregressive):
         raise NotImplementedError
 
     def budget(self) -> int:
-        raise NotImplementedError
+        """How many cached positions a sparse step reads (each method's ``top_k``)."""
+        return self.top_k
 
     def generate(self, prompt_ids: list[int], settings: Settings,
                  generator: torch.Generator | None) -> Generation:

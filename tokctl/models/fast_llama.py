@@ -17,6 +17,7 @@ its slots (:meth:`StaticKVCache.keep`).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,21 @@ def bucket(n: int, buckets=BUCKETS) -> int:
         if n <= b:
             return b
     return buckets[-1]
+
+
+# Fused layers by their first part: built once per model, so that every lean forward over it (the
+# target and its early-exit draft) reads the same copy.
+_FUSED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fused(parts: list[torch.nn.Module]) -> torch.nn.Module:
+    hit = _FUSED.get(parts[0])
+    # The rest by weak reference (a strong one would keep the key alive); replaced parts (the
+    # model quantised since) make a new fusion.
+    if hit is None or any(ref() is not p for ref, p in zip(hit[0], parts[1:])):
+        hit = (tuple(weakref.ref(p) for p in parts[1:]), fuse_linears(parts))
+        _FUSED[parts[0]] = hit
+    return hit[1]
 
 
 def supports(model) -> bool:
@@ -119,9 +135,9 @@ class FastLlama:
         self.attention = attention or tree_attention
         # q, k and v as one matmul, gate and up as another: fewer calls (a one-token step is as
         # much per-call overhead as arithmetic on a CPU) over the same weight bytes.
-        self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj])
+        self.qkv = [_fused([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj])
                     for l in self.layers]
-        self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        self.gate_up = [_fused([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
         # Sparse decoding's hook: when set, (layer, q, k, v, allowed) -> out replaces attention.
         self.layer_attention = None
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or 1 << 30

@@ -55,9 +55,6 @@ class RecycledAttention(SparseDecoding):
         self.stride = int(stride)
         self.top_k = int(top_k)
 
-    def budget(self) -> int:
-        return self.top_k
-
     def make_policy(self, fast):
         return RecycledPolicy(len(fast.layers), fast.attention, self.stride, self.top_k)
 

@@ -46,9 +46,6 @@ class TidalDecode(SparseDecoding):
         self.selection_layer = int(selection_layer)
         self.reselection_value = reselection_layer
 
-    def budget(self) -> int:
-        return self.top_k
-
     def make_policy(self, fast):
         n = len(fast.layers)
         if not self.selection_layer < n - 1:
