@@ -63,6 +63,30 @@ def test_prefill_resets_the_sequence(tiny_llama, backend):
     torch.testing.assert_close(t.prefill(a), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_shared_prefill_is_reused_only_while_the_prompt_is_intact(tiny_llama):
+    ids = torch.randint(0, 101, (20,), generator=torch.Generator().manual_seed(2))
+    ref = full_logits(tiny_llama, ids)
+    t = FastTarget(tiny_llama, None)
+    t.share_prefill = True
+    t.prefill(ids[:12], capacity=40)
+    t.forward([7, 8, 9])
+    t.commit([0, 1, 2])
+    t.prefill_s = 0.0
+    again = t.prefill(ids[:12], capacity=40)  # held: not recomputed, its time charged again
+    assert t.forward_calls == 1 and t.shared_prefill_s > 0 and t.prefill_s == t.shared_prefill_s
+    torch.testing.assert_close(again, ref[11], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t.forward(ids[12:20]), ref[12:20], atol=1e-5, rtol=1e-5)
+    t.commit(list(range(8)))
+    shared = t.shared_prefill_s
+    t.prefill(ids[:12], capacity=10_000)  # no room in the held cache: computed afresh
+    assert t.shared_prefill_s == shared
+    t.truncate(5)  # the prompt's own slots may be overwritten now
+    t.forward([1, 2, 3, 4, 5, 6, 7])
+    t.commit(list(range(7)))
+    torch.testing.assert_close(t.prefill(ids[:12], capacity=40), ref[11], atol=1e-5, rtol=1e-5)
+    assert t.shared_prefill_s == shared
+
+
 def test_forward_requires_commit(tiny_llama):
     t = FastTarget(tiny_llama, None)
     t.prefill([1, 2, 3])

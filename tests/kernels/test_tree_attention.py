@@ -72,6 +72,23 @@ def test_reference_matches_plain_softmax_attention(heads, kv_heads):
     torch.testing.assert_close(tree_attention_ref(q, k, v, allowed), manual)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (2, 2)])
+def test_prefill_mask_takes_the_causal_path_with_the_same_result(heads, kv_heads):
+    """A square lower-triangular mask (a prefill from slot 0) runs as SDPA's is_causal."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(heads, 11, 8, generator=g)
+    k, v = torch.randn(kv_heads, 11, 8, generator=g), torch.randn(kv_heads, 11, 8, generator=g)
+    causal = torch.ones(11, 11, dtype=torch.bool).tril()
+    kk = k.repeat_interleave(heads // kv_heads, 0)
+    vv = v.repeat_interleave(heads // kv_heads, 0)
+    scores = (q @ kk.transpose(-1, -2)) / 8 ** 0.5
+    manual = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ vv
+    torch.testing.assert_close(tree_attention_ref(q, k, v, causal), manual)
+    causal[5, 2] = False  # no longer causal: the masked path, still right
+    manual = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ vv
+    torch.testing.assert_close(tree_attention_ref(q, k, v, causal), manual)
+
+
 def test_dispatch_uses_reference_on_cpu_by_default(monkeypatch):
     import tokctl.kernels.tree_attention as ta
 

@@ -48,7 +48,8 @@ def full_model_nll(target, prompt_ids: list[int], tokens: list[int]) -> tuple[fl
     """Summed negative log-likelihood of ``tokens`` after the prompt under the model with full
     attention (no sparse policy is installed outside a generation), and their count. The
     prompt's cache entries came from a full-attention prefill, so when the target still holds
-    them only the new tokens run (one block), not the prompt again."""
+    them only the new tokens run (one block), not the prompt again; a target that shares its
+    prefill hands it over through prefill() itself."""
     import torch
 
     if not tokens:
@@ -56,8 +57,8 @@ def full_model_nll(target, prompt_ids: list[int], tokens: list[int]) -> tuple[fl
     n = len(prompt_ids)
     held = target.prompt
     with torch.no_grad():
-        if (n > 1 and held is not None and held.numel() == n and target.length >= n
-                and held.tolist() == list(prompt_ids)):
+        if (n > 1 and not target.share_prefill and held is not None and held.numel() == n
+                and target.length >= n and held.tolist() == list(prompt_ids)):
             target.truncate(n - 1)  # rerun the prompt's last token: its logits predict tokens[0]
             logits = target.forward([prompt_ids[-1], *tokens[:-1]])
             target.commit(list(range(len(tokens))))

@@ -56,6 +56,13 @@ class Target:
         self.forward_calls = 0
         self.prefill_s = 0.0  # seconds spent in prefill() since the caller last zeroed it
         self.prompt: torch.Tensor | None = None
+        # share_prefill: a prefill of the prompt the cache already holds is not recomputed (the
+        # long-context runs, where one prefill costs more than the whole decode): its logits and
+        # the time it took are kept, and that time is charged again to whoever reuses it
+        # (prefill_s and shared_prefill_s), so per-method totals stay comparable.
+        self.share_prefill = False
+        self.shared_prefill_s = 0.0
+        self._held: tuple[torch.Tensor, float] | None = None  # (last logits, seconds)
 
     # --- subclass hooks --------------------------------------------------------------------------
     def _reset(self, capacity: int) -> None:
@@ -77,17 +84,35 @@ class Target:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
         if ids.numel() == 0:
             raise UserError("empty prompt: nothing to decode from")
-        self._reset(capacity or ids.numel() + 256)
-        self.length = 0
+        capacity = capacity or ids.numel() + 256
         self._pending = 0
+        self.forward_calls = 1
+        if not all_logits and self._holds(ids, capacity):
+            logits, seconds = self._held
+            self.length = ids.numel()
+            self.prefill_s += seconds
+            self.shared_prefill_s += seconds
+            return logits.clone()
+        self._reset(capacity)
+        self.length = 0
         # Timed apart so that long-context runs can report decode speed without the prefill.
         seconds, logits = measure.timed(lambda: self._run(ids, None, last_only=not all_logits),
                                         self.device)
         self.prefill_s += seconds
         self.prompt = ids  # what the cache's first slots hold, until the next prefill
-        self.forward_calls = 1
         self.length = ids.numel()
+        self._held = (logits[-1].clone(), seconds) if self.share_prefill else None
         return logits if all_logits else logits[-1]
+
+    def _holds(self, ids: torch.Tensor, capacity: int) -> bool:
+        """Whether the cache still holds ``ids``' prefill, with room for ``capacity``: every
+        method writes only past its prompt, so the prompt's slots survive a generation."""
+        return (self.share_prefill and self._held is not None and self.prompt is not None
+                and self.length >= ids.numel() and torch.equal(self.prompt, ids)
+                and self._room(capacity))
+
+    def _room(self, capacity: int) -> bool:
+        return False  # a cache that is rebuilt by every prefill holds nothing to share
 
     def forward(self, tokens: Sequence[int] | torch.Tensor,
                 parents: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
@@ -117,6 +142,8 @@ class Target:
             raise ValueError(f"cannot truncate a sequence of {self.length} tokens to {length}")
         self._truncate(length)
         self.length = length
+        if self.prompt is not None and length < self.prompt.numel():
+            self._held = None  # the prompt's own slots may be written next: nothing left to share
 
     def _truncate(self, length: int) -> None:
         pass  # the static cache simply overwrites slots beyond the committed length
@@ -161,7 +188,8 @@ class FastTarget(Target):
     capacity (a few fixed shapes). ``exact``: every block, a one-token ``ar`` step included, is
     padded to one size (``exact_block``) and attends over the whole capacity, so that a row's
     result cannot depend on how many rows run beside it (batch invariance: bf16 matmul kernels
-    round differently for 1 and for n rows, and attention for different key counts).
+    round differently for 1 and for n rows, and attention for different key counts); with
+    prepacked weights (batch-invariant already) only the attention window is fixed.
     ``compile_backend``: Inductor for real runs; tests check graph capture with a cheaper one."""
 
     backend = "fast"
@@ -175,7 +203,10 @@ class FastTarget(Target):
         self.compiled = bool(compile)
         self.exact = bool(exact)
         self.max_block = None  # the most tokens one step may take and keep its shape
-        if self.exact:
+        # Prepacked bf16 linears compute a row the same whatever rows run with it, so exact steps
+        # need no padded rows there: only attention's fixed window (the whole capacity).
+        self.pad_rows = self.exact and not getattr(model.config, "tokctl_prepacked", False)
+        if self.pad_rows:
             self.buckets = (int(exact_block),)
             self.max_block = int(exact_block)
         else:
@@ -190,10 +221,16 @@ class FastTarget(Target):
             torch._dynamo.mark_static_address(self.cache.keys)
             torch._dynamo.mark_static_address(self.cache.values)
 
+    def _need(self, capacity: int) -> int:
+        # Room for the largest padded block after the last committed token.
+        return capacity + (self.buckets[-1] if self.buckets else 0)
+
+    def _room(self, capacity: int) -> bool:
+        return self._need(capacity) <= self.cache.capacity
+
     def _reset(self, capacity: int) -> None:
-        # Room for the largest padded block after the last committed token; capacities are powers
-        # of two so that a compiled step meets few distinct shapes.
-        need = capacity + (self.buckets[-1] if self.buckets else 0)
+        # Capacities are powers of two so that a compiled step meets few distinct shapes.
+        need = self._need(capacity)
         if need > self.cache.capacity:
             self.cache.grow(1 << (need - 1).bit_length())
             self._mark_cache()
@@ -204,6 +241,9 @@ class FastTarget(Target):
         if parents is None:
             parents = list(range(-1, n - 1))
         prefill = self.length == 0
+        if self.exact and not self.pad_rows and not self.compiled and not prefill:
+            return self._block(tokens, parents, 0, n, pad_to=n, window=self.cache.capacity,
+                               last_only=last_only, step=self.fast.step)
         if self.buckets is None or prefill or (n > self.buckets[-1]
                                                 and parents != list(range(-1, n - 1))):
             # A prefill runs eagerly even when steps are compiled or padded: prompts come in every

@@ -99,11 +99,32 @@ def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     heads, n, dim = q.shape
     kv_heads = k.shape[0]
     group = heads // kv_heads
+    if _is_causal_square(allowed):
+        # A prefill from slot 0: plain causal attention, which SDPA runs fused with no mask at
+        # all. Given the mask, it would build a float copy of it ([group * n, n]) in every layer:
+        # most of a long prompt's prefill time.
+        if group > 1:
+            k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     if group == 1:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.reshape(kv_heads, group * n, dim), k, v, attn_mask=allowed.repeat(group, 1))
     return out.view(heads, n, dim)
+
+
+_causal_masks: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _is_causal_square(allowed: torch.Tensor) -> bool:
+    n, t = allowed.shape
+    if n != t or n < 2 or torch.compiler.is_compiling():
+        return False
+    key = (n, str(allowed.device))
+    if key not in _causal_masks:
+        _causal_masks.clear()  # one prompt length at a time: keep only the last
+        _causal_masks[key] = torch.ones(n, n, dtype=torch.bool, device=allowed.device).tril_()
+    return torch.equal(allowed, _causal_masks[key])
 
 
 def tree_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
