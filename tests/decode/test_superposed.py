@@ -116,6 +116,13 @@ def test_cli_ngram_superposed_and_drafts(tiny_lm_dir, tmp_path):
     assert all(m["perplexity"] > 1 for m in metrics["methods"].values())
     assert (tmp_path / "dr" / "drafts_cost_perplexity.png").is_file()
 
+    code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "dr1"),
+                       f"superposed.ngram={ngram}", "ks=[2]", "families=[superposed]",
+                       "max_new_tokens=4", "data.limit=1", "warmup=0")
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "dr1" / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"ar", "superposed k=2"}
+
 
 def test_cli_bad_k_and_foreign_ngram(tiny_lm_dir, tmp_path):
     code, out = tokctl("decode", *_tiny_args(tiny_lm_dir, tmp_path / "a"), "method=superposed",
@@ -129,6 +136,9 @@ def test_cli_bad_k_and_foreign_ngram(tiny_lm_dir, tmp_path):
     assert code != 0 and "another tokenizer" in one_error_line(out)
     code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "c"), "ks=[0,2]")
     assert code != 0 and "at least 1" in one_error_line(out)
+    code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "d"),
+                       "families=[superposed,greedy]")
+    assert code != 0 and "choose among" in one_error_line(out)
 
 
 def test_build_ngram_from_files(tiny_lm_dir, tmp_path):

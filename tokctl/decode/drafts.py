@@ -71,18 +71,32 @@ def references(data_cfg) -> dict[str, str]:
 
 
 # --- the run ---------------------------------------------------------------------------------------
-def _methods(cfg, ks: list[int]):
+FAMILIES = ("superposed", "nucleus", "beam")
+
+
+def _methods(cfg, ks: list[int], families: list[str]):
     """(label, method, family, k) for every compared method; `ar` first, the unit of cost."""
     out = [("ar", build_method(method_config("ar")), "ar", 1)]
     sup_opts = OmegaConf.to_container(cfg.get("superposed") or {}, resolve=True)
     for k in ks:
-        sup = OmegaConf.merge(method_config("superposed"), sup_opts, {"k": k})
-        out.append((f"superposed k={k}", build_method(sup), "superposed", k))
-        out.append((f"nucleus k={k}", build_method(OmegaConf.merge(method_config("nucleus"),
-                                                                   {"k": k})), "nucleus", k))
-        out.append((f"beam k={k}", build_method(OmegaConf.merge(method_config("beam"),
-                                                                {"k": k})), "beam", k))
+        if "superposed" in families:
+            sup = OmegaConf.merge(method_config("superposed"), sup_opts, {"k": k})
+            out.append((f"superposed k={k}", build_method(sup), "superposed", k))
+        for family in ("nucleus", "beam"):
+            if family in families:
+                m = build_method(OmegaConf.merge(method_config(family), {"k": k}))
+                out.append((f"{family} k={k}", m, family, k))
     return out
+
+
+def _families(cfg) -> list[str]:
+    raw = cfg.get("families") or list(FAMILIES)
+    listed = OmegaConf.is_list(raw) or isinstance(raw, list)
+    families = [str(f) for f in (raw if listed else [raw])]
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        raise UserError(f"families={families}: choose among {', '.join(FAMILIES)}")
+    return families
 
 
 def run(cfg, run) -> dict[str, Any]:
@@ -99,7 +113,7 @@ def run(cfg, run) -> dict[str, Any]:
     ns = [int(n) for n in cfg.distinct_n]
     prompts = load_prompts(cfg.data)
     refs = references(cfg.data)
-    methods = _methods(cfg, ks)
+    methods = _methods(cfg, ks, _families(cfg))
     model_cfg = OmegaConf.merge(cfg.model, {"backend": str(cfg.get("backend") or "hf")})
     loaded = load_causal_lm(model_cfg)
     settings.eos_ids = eos_ids(loaded)
