@@ -139,6 +139,11 @@ def test_cli_bad_k_and_foreign_ngram(tiny_lm_dir, tmp_path):
     code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "d"),
                        "families=[superposed,greedy]")
     assert code != 0 and "choose among" in one_error_line(out)
+    code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "e"), "ks=[2]")
+    assert code != 0 and "superposed.ngram=" in one_error_line(out)
+    code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "f"), "ks=[2]",
+                       f"superposed.ngram={foreign}", "data.limit=1", "warmup=0")
+    assert code != 0 and "another tokenizer" in one_error_line(out)
 
 
 def test_build_ngram_from_files(tiny_lm_dir, tmp_path):

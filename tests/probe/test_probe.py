@@ -97,3 +97,7 @@ def test_scan_without_tokenizer_is_one_line(tiny_lm_dir, tmp_path):
                        f"hydra.run.dir={tmp_path / 'run'}")
     lines = [ln for ln in out.strip().splitlines() if ln.strip()]
     assert code != 0 and len(lines) == 1 and "no tokenizer" in lines[0], out
+    code, out = tokctl("probe", "plant", "model=hf", f"model.path={bare}",
+                       f"hydra.run.dir={tmp_path / 'plant'}")
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    assert code != 0 and len(lines) == 1 and "no tokenizer" in lines[0], out

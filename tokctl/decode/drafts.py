@@ -113,7 +113,14 @@ def run(cfg, run) -> dict[str, Any]:
     ns = [int(n) for n in cfg.distinct_n]
     prompts = load_prompts(cfg.data)
     refs = references(cfg.data)
-    methods = _methods(cfg, ks, _families(cfg))
+    families = _families(cfg)
+    sup = cfg.get("superposed") or {}
+    if "superposed" in families and not sup.get("ngram") and float(sup.get("alpha", 1) or 0) > 0:
+        # Said here, before the model loads, and with drafts' own key (not method.ngram).
+        raise UserError("superposed needs an n-gram model: build one with `tokctl decode "
+                        "build-ngram` and pass superposed.ngram=RUN/ngram.json (or "
+                        "superposed.alpha=0 for none, or families=[nucleus,beam])")
+    methods = _methods(cfg, ks, families)
     model_cfg = OmegaConf.merge(cfg.model, {"backend": str(cfg.get("backend") or "hf")})
     loaded = load_causal_lm(model_cfg)
     settings.eos_ids = eos_ids(loaded)
