@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from tokctl.cli import app
-from tokctl.decode.drafts import distinct_n, unigram_f1
+from tokctl.decode.drafts import distinct_n, perplexity, prompt_state, unigram_f1
 from tokctl.decode.methods.superposed import superposed_decode
 from tokctl.decode.ngram import NGramModel, tokenizer_fingerprint
 from tokctl.errors import UserError
@@ -90,6 +90,15 @@ def test_distinct_and_f1():
 
 def _tiny_args(tiny_lm_dir, run):
     return ["model=hf", f"model.path={tiny_lm_dir}", f"hydra.run.dir={run}", "threads=1"]
+
+
+def test_perplexity_from_the_prompt_cache_matches_a_full_forward(tiny):
+    model, _ = tiny
+    prompt, drafts = [5, 9, 14, 3, 7], [[11, 12, 13], [40, 2], [8]]
+    state = prompt_state(model, prompt)
+    for d in drafts:  # the cache is copied per draft, so each is scored from the prompt alone
+        assert abs(perplexity(model, prompt, d, state) - perplexity(model, prompt, d)) < 1e-3
+    assert perplexity(model, prompt, [], state) is None
 
 
 def test_cli_ngram_superposed_and_drafts(tiny_lm_dir, tmp_path):

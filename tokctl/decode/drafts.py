@@ -10,6 +10,7 @@ data gives a reference answer (Spec-Bench's ``reference``), the best-of-k unigra
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import statistics
@@ -29,14 +30,39 @@ from tokctl.errors import UserError
 
 # --- measures ------------------------------------------------------------------------------------
 @torch.inference_mode()
-def perplexity(model, prompt_ids: list[int], draft: list[int]) -> float | None:
-    """exp(mean negative log-likelihood of the draft's tokens given the prompt), full model."""
+def prompt_state(model, prompt_ids: list[int]):
+    """The prompt's KV cache and its last position's logits: every draft of a prompt is scored
+    from them, so a long prompt (Spec-Bench's summaries, 700 tokens) is run once, not per draft."""
+    from transformers import DynamicCache
+
+    from tokctl.decode.methods.superposed import _cache_keyword
+
+    cache = DynamicCache()  # filled in place by the forward
+    out = model(input_ids=torch.tensor([prompt_ids], device=model.device), use_cache=True,
+                **{_cache_keyword(model): cache})
+    return cache, out.logits[0, -1]
+
+
+@torch.inference_mode()
+def perplexity(model, prompt_ids: list[int], draft: list[int], state=None) -> float | None:
+    """exp(mean negative log-likelihood of the draft's tokens given the prompt), full model;
+    ``state`` from prompt_state() saves running the prompt again."""
     if not draft:
         return None
-    ids = torch.tensor([prompt_ids + draft], device=model.device)
-    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
-    nll = torch.nn.functional.cross_entropy(logits, ids[0, len(prompt_ids):])
-    return float(torch.exp(nll))
+    if state is None:
+        ids = torch.tensor([prompt_ids + draft], device=model.device)
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+    else:
+        past, last = state
+        # The forward appends the draft to the cache it is given: each draft gets its own copy.
+        past = copy.deepcopy(past)
+        from tokctl.decode.methods.superposed import _cache_keyword
+
+        out = model(input_ids=torch.tensor([draft], device=model.device), use_cache=True,
+                    **{_cache_keyword(model): past})
+        logits = torch.cat([last[None], out.logits[0, :-1]]).float()
+    target = torch.tensor(draft, device=logits.device)
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits, target)))
 
 
 def distinct_n(drafts: list[list[int]], n: int) -> float | None:
@@ -176,14 +202,15 @@ def _run_prompts(cfg, run, prompts, runners, methods, settings, loaded, chat, re
             results = {r.label: r.run(prompt, settings, seed=int(cfg.seed) + i) for r in order}
             row = {"index": i, "id": prompt.id, "category": prompt.category, "methods": {}}
             ar_time = results["ar"].get("time_s")
+            prompt_ids = _prompt_ids(loaded.tokenizer, prompt, chat)
+            state = prompt_state(loaded.model, prompt_ids)
             for (label, method, family, k) in methods:
                 res = results[label]
                 if "error" in res:
                     row["methods"][label] = {"error": res["error"]}
                     continue
                 drafts = (res.get("extra") or {}).get("drafts", [res["token_ids"]])[0]
-                prompt_ids = _prompt_ids(loaded.tokenizer, prompt, chat)
-                ppl = [perplexity(loaded.model, prompt_ids, d) for d in drafts]
+                ppl = [perplexity(loaded.model, prompt_ids, d, state) for d in drafts]
                 texts = [loaded.tokenizer.decode(d, skip_special_tokens=True) for d in drafts]
                 entry = {"family": family, "k": k, "time_s": res["time_s"],
                          "cost_vs_ar": res["time_s"] / ar_time if ar_time else None,
