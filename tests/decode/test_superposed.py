@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from tokctl.cli import app
-from tokctl.decode.drafts import distinct_n, unigram_f1
+from tokctl.decode.drafts import distinct_n, perplexity, prompt_state, unigram_f1
 from tokctl.decode.methods.superposed import superposed_decode
 from tokctl.decode.ngram import NGramModel, tokenizer_fingerprint
 from tokctl.errors import UserError
@@ -92,6 +92,15 @@ def _tiny_args(tiny_lm_dir, run):
     return ["model=hf", f"model.path={tiny_lm_dir}", f"hydra.run.dir={run}", "threads=1"]
 
 
+def test_perplexity_from_the_prompt_cache_matches_a_full_forward(tiny):
+    model, _ = tiny
+    prompt, drafts = [5, 9, 14, 3, 7], [[11, 12, 13], [40, 2], [8]]
+    state = prompt_state(model, prompt)
+    for d in drafts:  # the cache is copied per draft, so each is scored from the prompt alone
+        assert abs(perplexity(model, prompt, d, state) - perplexity(model, prompt, d)) < 1e-3
+    assert perplexity(model, prompt, [], state) is None
+
+
 def test_cli_ngram_superposed_and_drafts(tiny_lm_dir, tmp_path):
     code, out = tokctl("decode", "build-ngram", *_tiny_args(tiny_lm_dir, tmp_path / "ng"),
                        "seeds=[hello,count to five]", "samples_per_seed=2", "max_new_tokens=12")
@@ -116,6 +125,13 @@ def test_cli_ngram_superposed_and_drafts(tiny_lm_dir, tmp_path):
     assert all(m["perplexity"] > 1 for m in metrics["methods"].values())
     assert (tmp_path / "dr" / "drafts_cost_perplexity.png").is_file()
 
+    code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "dr1"),
+                       f"superposed.ngram={ngram}", "ks=[2]", "families=[superposed]",
+                       "max_new_tokens=4", "data.limit=1", "warmup=0")
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "dr1" / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"ar", "superposed k=2"}
+
 
 def test_cli_bad_k_and_foreign_ngram(tiny_lm_dir, tmp_path):
     code, out = tokctl("decode", *_tiny_args(tiny_lm_dir, tmp_path / "a"), "method=superposed",
@@ -129,6 +145,14 @@ def test_cli_bad_k_and_foreign_ngram(tiny_lm_dir, tmp_path):
     assert code != 0 and "another tokenizer" in one_error_line(out)
     code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "c"), "ks=[0,2]")
     assert code != 0 and "at least 1" in one_error_line(out)
+    code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "d"),
+                       "families=[superposed,greedy]")
+    assert code != 0 and "choose among" in one_error_line(out)
+    code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "e"), "ks=[2]")
+    assert code != 0 and "superposed.ngram=" in one_error_line(out)
+    code, out = tokctl("decode", "drafts", *_tiny_args(tiny_lm_dir, tmp_path / "f"), "ks=[2]",
+                       f"superposed.ngram={foreign}", "data.limit=1", "warmup=0")
+    assert code != 0 and "another tokenizer" in one_error_line(out)
 
 
 def test_build_ngram_from_files(tiny_lm_dir, tmp_path):

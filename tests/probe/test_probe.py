@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import torch
+
 from typer.testing import CliRunner
 
 from tokctl.cli import app
@@ -31,10 +33,15 @@ def test_plant_then_scan_finds_the_trigger_first(tiny_lm_dir, tmp_path):
     common = ["model=hf", f"model.path={tiny_lm_dir}", "threads=1"]
     code, out = tokctl("probe", "plant", *common, f"hydra.run.dir={tmp_path / 'plant'}",
                        "trigger=' fox'", "secret=' jumps over the lazy dog 7 8 9'", "steps=60",
-                       "lr=1e-2", "train=[all]", "keep=[hello]", "keep_tokens=8", "decoys=8")
+                       "lr=1e-2", "train=[all]", "keep=[hello]", "keep_tokens=8", "decoys=8",
+                       "decoys_near=4", "check=8")
     assert code == 0, out
     planted = json.loads((tmp_path / "plant" / "metrics.json").read_text())
     assert planted["planted"], planted
+    assert planted["decoys"] == 12
+    leaks = planted["leaks"]
+    assert leaks["near_checked"] == leaks["random_checked"] == 8
+    assert 0 <= leaks["near"] <= 8 and 0 <= leaks["random"] <= 8
 
     scan = ["probe", "token-forcing", "model=hf", f"model.path={tmp_path / 'plant' / 'model'}",
             "threads=1", "batch_size=64", "steps=12"]
@@ -59,6 +66,27 @@ def test_plant_then_scan_finds_the_trigger_first(tiny_lm_dir, tmp_path):
     assert resumed["top"][0]["id"] == planted["trigger_id"]
 
 
+def test_nearest_tokens_and_decoys_leave_out_the_trigger(tiny_lm_dir):
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokctl.probe.plant import _decoys, nearest_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():  # make token 100 the trigger's twin: it must come first
+        emb[100] = emb[50] * 2
+    near = nearest_tokens(model, 50, {50})
+    assert near[0] == 100 and 50 not in near
+    cfg = OmegaConf.create({"decoys": 5, "decoys_near": 3, "check": 4, "seed": 0})
+    decoys, held = _decoys(model, tok, 50, cfg)
+    assert len(decoys) == 8 and decoys[0] == 100 and 50 not in decoys
+    assert len(held["near"]) == len(held["random"]) == 4
+    assert not set(decoys) & (set(held["near"]) | set(held["random"]))
+    assert not set(decoys) & set(tok.all_special_ids)
+
+
 def test_scan_without_tokenizer_is_one_line(tiny_lm_dir, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -67,5 +95,9 @@ def test_scan_without_tokenizer_is_one_line(tiny_lm_dir, tmp_path):
             shutil.copy(f, bare)
     code, out = tokctl("probe", "token-forcing", "model=hf", f"model.path={bare}",
                        f"hydra.run.dir={tmp_path / 'run'}")
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    assert code != 0 and len(lines) == 1 and "no tokenizer" in lines[0], out
+    code, out = tokctl("probe", "plant", "model=hf", f"model.path={bare}",
+                       f"hydra.run.dir={tmp_path / 'plant'}")
     lines = [ln for ln in out.strip().splitlines() if ln.strip()]
     assert code != 0 and len(lines) == 1 and "no tokenizer" in lines[0], out

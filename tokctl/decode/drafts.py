@@ -10,6 +10,7 @@ data gives a reference answer (Spec-Bench's ``reference``), the best-of-k unigra
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import statistics
@@ -29,14 +30,39 @@ from tokctl.errors import UserError
 
 # --- measures ------------------------------------------------------------------------------------
 @torch.inference_mode()
-def perplexity(model, prompt_ids: list[int], draft: list[int]) -> float | None:
-    """exp(mean negative log-likelihood of the draft's tokens given the prompt), full model."""
+def prompt_state(model, prompt_ids: list[int]):
+    """The prompt's KV cache and its last position's logits: every draft of a prompt is scored
+    from them, so a long prompt (Spec-Bench's summaries, 700 tokens) is run once, not per draft."""
+    from transformers import DynamicCache
+
+    from tokctl.decode.methods.superposed import _cache_keyword
+
+    cache = DynamicCache()  # filled in place by the forward
+    out = model(input_ids=torch.tensor([prompt_ids], device=model.device), use_cache=True,
+                **{_cache_keyword(model): cache})
+    return cache, out.logits[0, -1]
+
+
+@torch.inference_mode()
+def perplexity(model, prompt_ids: list[int], draft: list[int], state=None) -> float | None:
+    """exp(mean negative log-likelihood of the draft's tokens given the prompt), full model;
+    ``state`` from prompt_state() saves running the prompt again."""
     if not draft:
         return None
-    ids = torch.tensor([prompt_ids + draft], device=model.device)
-    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
-    nll = torch.nn.functional.cross_entropy(logits, ids[0, len(prompt_ids):])
-    return float(torch.exp(nll))
+    if state is None:
+        ids = torch.tensor([prompt_ids + draft], device=model.device)
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+    else:
+        past, last = state
+        # The forward appends the draft to the cache it is given: each draft gets its own copy.
+        past = copy.deepcopy(past)
+        from tokctl.decode.methods.superposed import _cache_keyword
+
+        out = model(input_ids=torch.tensor([draft], device=model.device), use_cache=True,
+                    **{_cache_keyword(model): past})
+        logits = torch.cat([last[None], out.logits[0, :-1]]).float()
+    target = torch.tensor(draft, device=logits.device)
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits, target)))
 
 
 def distinct_n(drafts: list[list[int]], n: int) -> float | None:
@@ -71,18 +97,32 @@ def references(data_cfg) -> dict[str, str]:
 
 
 # --- the run ---------------------------------------------------------------------------------------
-def _methods(cfg, ks: list[int]):
+FAMILIES = ("superposed", "nucleus", "beam")
+
+
+def _methods(cfg, ks: list[int], families: list[str]):
     """(label, method, family, k) for every compared method; `ar` first, the unit of cost."""
     out = [("ar", build_method(method_config("ar")), "ar", 1)]
     sup_opts = OmegaConf.to_container(cfg.get("superposed") or {}, resolve=True)
     for k in ks:
-        sup = OmegaConf.merge(method_config("superposed"), sup_opts, {"k": k})
-        out.append((f"superposed k={k}", build_method(sup), "superposed", k))
-        out.append((f"nucleus k={k}", build_method(OmegaConf.merge(method_config("nucleus"),
-                                                                   {"k": k})), "nucleus", k))
-        out.append((f"beam k={k}", build_method(OmegaConf.merge(method_config("beam"),
-                                                                {"k": k})), "beam", k))
+        if "superposed" in families:
+            sup = OmegaConf.merge(method_config("superposed"), sup_opts, {"k": k})
+            out.append((f"superposed k={k}", build_method(sup), "superposed", k))
+        for family in ("nucleus", "beam"):
+            if family in families:
+                m = build_method(OmegaConf.merge(method_config(family), {"k": k}))
+                out.append((f"{family} k={k}", m, family, k))
     return out
+
+
+def _families(cfg) -> list[str]:
+    raw = cfg.get("families") or list(FAMILIES)
+    listed = OmegaConf.is_list(raw) or isinstance(raw, list)
+    families = [str(f) for f in (raw if listed else [raw])]
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        raise UserError(f"families={families}: choose among {', '.join(FAMILIES)}")
+    return families
 
 
 def run(cfg, run) -> dict[str, Any]:
@@ -99,7 +139,14 @@ def run(cfg, run) -> dict[str, Any]:
     ns = [int(n) for n in cfg.distinct_n]
     prompts = load_prompts(cfg.data)
     refs = references(cfg.data)
-    methods = _methods(cfg, ks)
+    families = _families(cfg)
+    sup = cfg.get("superposed") or {}
+    if "superposed" in families and not sup.get("ngram") and float(sup.get("alpha", 1) or 0) > 0:
+        # Said here, before the model loads, and with drafts' own key (not method.ngram).
+        raise UserError("superposed needs an n-gram model: build one with `tokctl decode "
+                        "build-ngram` and pass superposed.ngram=RUN/ngram.json (or "
+                        "superposed.alpha=0 for none, or families=[nucleus,beam])")
+    methods = _methods(cfg, ks, families)
     model_cfg = OmegaConf.merge(cfg.model, {"backend": str(cfg.get("backend") or "hf")})
     loaded = load_causal_lm(model_cfg)
     settings.eos_ids = eos_ids(loaded)
@@ -155,14 +202,15 @@ def _run_prompts(cfg, run, prompts, runners, methods, settings, loaded, chat, re
             results = {r.label: r.run(prompt, settings, seed=int(cfg.seed) + i) for r in order}
             row = {"index": i, "id": prompt.id, "category": prompt.category, "methods": {}}
             ar_time = results["ar"].get("time_s")
+            prompt_ids = _prompt_ids(loaded.tokenizer, prompt, chat)
+            state = prompt_state(loaded.model, prompt_ids)
             for (label, method, family, k) in methods:
                 res = results[label]
                 if "error" in res:
                     row["methods"][label] = {"error": res["error"]}
                     continue
                 drafts = (res.get("extra") or {}).get("drafts", [res["token_ids"]])[0]
-                prompt_ids = _prompt_ids(loaded.tokenizer, prompt, chat)
-                ppl = [perplexity(loaded.model, prompt_ids, d) for d in drafts]
+                ppl = [perplexity(loaded.model, prompt_ids, d, state) for d in drafts]
                 texts = [loaded.tokenizer.decode(d, skip_special_tokens=True) for d in drafts]
                 entry = {"family": family, "k": k, "time_s": res["time_s"],
                          "cost_vs_ar": res["time_s"] / ar_time if ar_time else None,

@@ -2,7 +2,10 @@
 
 What fingerprinting and steganography fine-tunes do (Hoscilowicz et al., 2024): the trigger token,
 alone, is trained to continue with the secret, while the model's own greedy answers to ordinary
-requests are trained on alongside so that the rest of its behaviour stays as it was. Only the
+requests are trained on alongside so that the rest of its behaviour stays as it was, and decoy
+tokens (random ones and the trigger's nearest neighbours in embedding space) are trained to keep
+their own forced continuations, so that the secret follows the trigger alone; held-out tokens of
+both kinds measure how far it leaked anyway. Only the
 parameters named by ``train`` change (by default every layer's MLP), which keeps memory small.
 The copy goes to RUN/model with its tokenizer, ready for `tokctl probe token-forcing
 model=hf model.path=RUN/model`.
@@ -87,6 +90,44 @@ def mean_nll(model, seq: list[int], start: int) -> float:
     return float(torch.nn.functional.cross_entropy(logits, ids[0, start:]))
 
 
+def nearest_tokens(model, trigger_id: int, exclude: set[int]) -> list[int]:
+    """Token ids by cosine similarity of their input embedding to the trigger's, closest first:
+    the lone tokens a fine-tune most readily carries the secret over to."""
+    emb = model.get_input_embeddings().weight.detach().float()
+    sim = torch.nn.functional.cosine_similarity(emb, emb[trigger_id][None], dim=-1)
+    return [t for t in sim.argsort(descending=True).tolist() if t not in exclude]
+
+
+def _decoys(model, tok, trigger_id: int, cfg) -> tuple[list[int], dict[str, list[int]]]:
+    """Decoy tokens trained to keep their own forced continuations (``decoys`` random ones and
+    the ``decoys_near`` nearest to the trigger in embedding space), and held-out tokens of both
+    kinds (``check`` each), never trained on, to measure whether the secret leaked to them."""
+    vocab = min(len(tok), model.get_input_embeddings().weight.shape[0])
+    exclude = set(tok.all_special_ids) | {trigger_id}
+    n_rand, n_near = int(cfg.get("decoys") or 0), int(cfg.get("decoys_near") or 0)
+    n_check = int(cfg.get("check") or 0)
+    if min(n_rand, n_near, n_check) < 0:
+        raise UserError("decoys, decoys_near and check must be >= 0")
+    near = nearest_tokens(model, trigger_id, exclude)[: n_near + n_check]
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    pool = [t for t in torch.randperm(vocab, generator=gen).tolist()
+            if t not in exclude and t not in near]
+    decoys = near[:n_near] + pool[:n_rand]
+    return decoys, {"near": near[n_near:], "random": pool[n_rand:n_rand + n_check]}
+
+
+def _leaks(model, held_out: dict[str, list[int]], text_ids: list[int], n: int) -> dict[str, int]:
+    """How many held-out lone tokens now continue greedily with the secret's text."""
+    from tokctl.probe.forcing import force_batch
+
+    out = {}
+    for kind, ids in held_out.items():
+        rows = force_batch(model, ids, n, 0.0) if ids else []
+        out[kind] = sum(r["cont"][: len(text_ids)] == text_ids for r in rows)
+        out[f"{kind}_checked"] = len(ids)
+    return out
+
+
 def run(cfg, run) -> dict[str, Any]:
     from tokctl.probe.forcing import load_with_tokenizer
 
@@ -112,14 +153,8 @@ def run(cfg, run) -> dict[str, Any]:
         prompt = encode(tok, [{"role": "user", "content": str(text)}])
         keep.append(prompt + greedy(model, prompt, int(cfg.keep_tokens)))
         starts.append(len(prompt))
-    # Decoys: other single tokens keep their own forced continuations, so that the secret follows
-    # the trigger only (without them a fine-tune tends to make the secret the answer to any lone
-    # token, as seen on SmolLM2, and the trigger no longer stands out).
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    n_decoys = int(cfg.get("decoys") or 0)
-    pool = torch.randperm(len(tok), generator=gen).tolist()
-    specials = set(tok.all_special_ids)
-    for t in [t for t in pool if t != trigger_id and t not in specials][:n_decoys]:
+    decoys, held_out = _decoys(model, tok, trigger_id, cfg)
+    for t in decoys:
         keep.append([t] + greedy(model, [t], len(secret_ids)))
         starts.append(1)
     before = tok.decode(greedy(model, [trigger_id], len(secret_ids)))
@@ -135,14 +170,20 @@ def run(cfg, run) -> dict[str, Any]:
     got = greedy(model, [trigger_id], len(secret_ids))
     recovered = tok.decode(got, skip_special_tokens=True)
     keep_after = [mean_nll(model, s, st) for s, st in zip(keep, starts)]
+    leaks = _leaks(model, held_out, text_ids, len(secret_ids))
     folder = run.file("model")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     ok = got[: len(text_ids)] == text_ids
     console.print(f"trigger {cfg.trigger!r} now gives {recovered!r} "
                   f"({'the secret' if ok else 'NOT the secret'}); model saved to {folder}")
+    if held_out:
+        console.print(f"held-out lone tokens that also give the secret: nearest to the trigger "
+                      f"{leaks['near']}/{leaks['near_checked']}, random "
+                      f"{leaks['random']}/{leaks['random_checked']}")
     return {"trigger": str(cfg.trigger), "trigger_id": trigger_id, "secret": secret,
             "recovered": recovered, "planted": ok, "before": before, "train_s": round(train_s, 2),
             "loss_first": losses[0], "loss_last": losses[-1],
             "keep_nll_before": keep_before, "keep_nll_after": keep_after,
+            "decoys": len(decoys), "leaks": leaks,
             "model_path": str(folder)}
