@@ -174,7 +174,9 @@ def licence_of(path: str, stanzas) -> tuple[str, str]:
 def manifest(gcompris_dir: Path | str = PHOTOS_DIR / "gcompris") -> str:
     """A markdown table of every training photo outside the wallpapers: file, package, licence
     and copyright holder (from the package's Debian copyright file); and the held-out set."""
-    from tokctl.imagetok.data import image_files
+    def image_files(folder: Path) -> list[Path]:  # (data.image_files would import in a circle)
+        return sorted(f for f in folder.rglob("*") if f.is_file()
+                      and f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
 
     rows = []
     sources = [(Path(gcompris_dir), "gcompris-qt-data", "gcompris/"),
