@@ -44,4 +44,15 @@ if [ "${TOKCTL_WALLPAPERS:-0}" = 1 ] && [ ! -d /usr/share/backgrounds/mate ]; th
   apt-get update -qq && apt-get install -y -qq gnome-backgrounds mate-backgrounds ukui-wallpapers \
     lomiri-wallpapers lomiri-wallpapers-16.04 lomiri-wallpapers-20.04 plasma-workspace-wallpapers >/dev/null
 fi
+# Wider training photos (animals, fruit, plants, buildings, objects) and the held-out textured
+# evaluation photos (`tokenize-image eval data.photos=textured`), from Debian packages (root):
+#   TOKCTL_PHOTOS=1 bash scripts/setup.sh
+# gcompris-qt-data and tuxpaint-stamps-default are for training (GCompris's photos sit in Qt
+# resource files and are extracted to /usr/local/share/tokctl/photos/gcompris); jigzo-data and
+# palapeli-data hold the held-out photos. Files and licences: tokctl/imagetok/weights/training_photos.md
+if [ "${TOKCTL_PHOTOS:-0}" = 1 ] && [ ! -d /usr/local/share/tokctl/photos/gcompris ]; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends gcompris-qt-data \
+    tuxpaint-stamps-default jigzo-data palapeli-data >/dev/null
+  python -m tokctl.imagetok.photosets extract /usr/local/share/tokctl/photos/gcompris
+fi
 python -c "import tokctl, torch, datasets; print('tokctl', tokctl.__version__, 'torch', torch.__version__, 'datasets', datasets.__version__)"

@@ -100,14 +100,21 @@ class CropSampler:
     """Random square crops (side log-uniform between ``size`` and the photo's short side), resized
     to ``size``, flipped left-right half the time, and turned grey with probability
     ``grayscale`` (the wallpapers are all in colour; black-and-white photos are not rare). Photos
-    are kept in memory at most ``max_side`` pixels on their short side."""
+    are kept in memory at most ``max_side`` pixels on their short side.
+
+    ``texture=k`` (k > 1) weights texture-rich crops: k candidate crops are drawn and one is kept
+    with probability proportional to its gradient energy (:func:`texture_score`), so a crop of
+    fur or foliage is kept far more often than one of sky. Most of a photo's area is smooth (and
+    so is most of a crop drawn uniformly), yet the details are what a small tokenizer fails on;
+    k = 1 draws uniformly."""
 
     def __init__(self, folders: list[str], size: int, max_side: int = 384, seed: int = 0,
                  min_photos: int = 1, photos: list[Image.Image] | None = None,
-                 grayscale: float = 0.0):
+                 grayscale: float = 0.0, texture: int = 1):
         self.size = size
         self.rng = random.Random(seed)
         self.grayscale = float(grayscale)
+        self.texture = max(1, int(texture))
         self.skipped: dict[str, str] = {}  # photos that would not open: name -> why
         if photos is not None:  # another sampler's photos, drawn with another seed
             self.photos, self.files = photos, []
@@ -135,6 +142,13 @@ class CropSampler:
         self.files = files
 
     def sample(self) -> Image.Image:
+        if self.texture == 1:
+            return self._crop()
+        crops = [self._crop() for _ in range(self.texture)]
+        scores = [texture_score(c) + 1e-3 for c in crops]  # a flat crop keeps a small chance
+        return self.rng.choices(crops, weights=scores)[0]
+
+    def _crop(self) -> Image.Image:
         im = self.photos[self.rng.randrange(len(self.photos))]
         w, h = im.size
         short = min(w, h)
@@ -151,6 +165,13 @@ class CropSampler:
 
     def batch(self, n: int) -> torch.Tensor:
         return torch.stack([to_tensor(self.sample()) for _ in range(n)])
+
+
+def texture_score(im: Image.Image) -> float:
+    """Gradient energy: the mean absolute difference between neighbouring grey levels (0-1
+    scale), about 0.01 for sky and 0.1-0.2 for fur, foliage or brickwork."""
+    g = np.asarray(im.convert("L"), dtype=np.float32) / 255
+    return float(np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean()) / 2
 
 
 def warn_skipped(sampler: CropSampler) -> None:
@@ -189,11 +210,18 @@ def held_out_photos() -> tuple[list[tuple[str, Image.Image]], dict[str, str]]:
     return out, skipped
 
 
-def eval_images(path: str | None, size: int, limit: int | None = None
+PHOTO_SETS = ("default", "textured")
+
+
+def eval_images(path: str | None, size: int, limit: int | None = None, photos: str = "default"
                 ) -> tuple[list[str], torch.Tensor, dict[str, str]]:
     """Names and a (N, 3, size, size) tensor of whole photos (centre square, resized); and the
     photos left out, name -> why: files in data.path that do not open as images (a folder is read
-    through datasets' imagefolder), or default photos this machine cannot have."""
+    through datasets' imagefolder), or default photos this machine cannot have. Without a path,
+    ``photos`` picks the held-out set: ``default`` (scikit-image and matplotlib) or ``textured``
+    (the jigsaw games' photos, :mod:`tokctl.imagetok.photosets`)."""
+    if photos not in PHOTO_SETS:
+        raise UserError(f"data.photos={photos}: give one of {', '.join(PHOTO_SETS)}")
     if path:
         folder = read_image_folder(path, labels=False)  # whole photos: classes play no part
         pairs, skipped = [], {}
@@ -208,7 +236,12 @@ def eval_images(path: str | None, size: int, limit: int | None = None
             raise UserError(f"data.path={path}: none of its images opens (first: "
                             f"{next(iter(skipped.values()))})")
     else:
-        pairs, skipped = held_out_photos()
+        if photos == "textured":
+            from tokctl.imagetok.photosets import textured_photos
+
+            pairs, skipped = textured_photos()
+        else:
+            pairs, skipped = held_out_photos()
         pairs = pairs[:limit] if limit else pairs
     names = [n for n, _ in pairs]
     if not pairs:

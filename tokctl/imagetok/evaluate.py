@@ -100,7 +100,8 @@ def run(cfg, run: Run) -> dict:
     size = int(cfg.get("image_size") or tile)
     if size < 8:
         raise UserError(f"image_size={size}: give a side of at least 8 pixels (or null)")
-    names, images, skipped = eval_images(cfg.data.path, size, cfg.data.get("limit"))
+    names, images, skipped = eval_images(cfg.data.path, size, cfg.data.get("limit"),
+                                         cfg.data.get("photos") or "default")
     n_img = len(names)
     if skipped:
         which = "images in data.path" if cfg.data.path else "default evaluation photos"

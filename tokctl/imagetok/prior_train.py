@@ -73,7 +73,8 @@ def run(cfg, run: Run) -> dict:
     else:
         size = tok.model.image_size
         sampler = CropSampler(list(cfg.data.folders), size, max_side=int(cfg.data.max_side),
-                              seed=int(cfg.seed), grayscale=float(cfg.data.get("grayscale") or 0))
+                              seed=int(cfg.seed), grayscale=float(cfg.data.get("grayscale") or 0),
+                              texture=int(cfg.data.get("texture") or 1))
         warn_skipped(sampler)
         val_sampler = CropSampler([], size, seed=12345, photos=sampler.photos)
         n, nv = int(cfg.data.crops), int(cfg.data.val_crops)

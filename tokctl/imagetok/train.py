@@ -81,7 +81,8 @@ def run(cfg, run: Run) -> dict:
         proxy.resolve(tokenizer_config(cfg))
     sampler = CropSampler(list(cfg.data.folders), int(config["image_size"]),
                           max_side=int(cfg.data.max_side), seed=int(cfg.seed),
-                          grayscale=float(cfg.data.get("grayscale") or 0.0))
+                          grayscale=float(cfg.data.get("grayscale") or 0.0),
+                          texture=int(cfg.data.get("texture") or 1))
     warn_skipped(sampler)
     model = build_tokenizer(config)
     if proxy_weights:
