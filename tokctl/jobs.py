@@ -50,6 +50,11 @@ JOBS: dict[str, Job] = {
             "into RUN/ngram.json for method=superposed.",
             ("tokctl decode build-ngram", "tokctl decode build-ngram n=4 samples_per_seed=8",
              "tokctl decode build-ngram source=files files=[notes.txt]")),
+        Job("decode train-adapter", "decode", "train_adapter", "tokctl.decode.train_adapter:run",
+            "Train Kangaroo's adapter (method=kangaroo) by self-distillation: the full model's "
+            "own hidden states and next-token distributions on its answers to generic requests.",
+            ("tokctl decode train-adapter", "tokctl decode train-adapter exit_layer=2 steps=100",
+             "tokctl decode train-adapter resume=runs/decode-train-adapter/DATE/TIME_adapter")),
         Job("decode drafts", "decode", "drafts", "tokctl.decode.drafts:run",
             "k drafts per prompt: Superposed Decoding against k nucleus samples and beam search "
             "of width k (cost, perplexity, distinct-n, best-of-k), for several k in one run.",

@@ -51,7 +51,7 @@ def _strings(obj: Any) -> Iterator[str]:
 
 
 @torch.inference_mode()
-def _generated(loaded, cfg) -> Iterator[list[int]]:
+def _generated(loaded, cfg, title: str = "generating the n-gram corpus") -> Iterator[list[int]]:
     """Prompt + sampled answer token ids (the prompt's chat markup is what drafts follow too)."""
     tok, model = loaded.tokenizer, loaded.model
     seeds = [str(s) for s in cfg.seeds]
@@ -61,7 +61,7 @@ def _generated(loaded, cfg) -> Iterator[list[int]]:
     jobs = [encode(tok, [{"role": "user", "content": s}]) for s in seeds for _ in range(per)]
     bs = max(1, int(cfg.batch_size))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with progress_bar("generating the n-gram corpus", len(jobs)) as advance:
+    with progress_bar(title, len(jobs)) as advance:
         for start in range(0, len(jobs), bs):
             batch = jobs[start:start + bs]
             width = max(len(b) for b in batch)

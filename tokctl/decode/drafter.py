@@ -33,10 +33,12 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class DraftModel:
-    def __init__(self, loaded_draft, target_tokenizer, backend: str = "auto"):
+    def __init__(self, loaded_draft, target_tokenizer, backend: str = "auto", target=None):
+        """``target``: the draft's forward, when it is not the loaded model's own (Kangaroo's
+        early exit with its adapter)."""
         self.loaded = loaded_draft
-        self.target = make_target(loaded_draft.model, loaded_draft.tokenizer, backend,
-                                  exit_layer=loaded_draft.info.get("exit_layer"))
+        self.target = target or make_target(loaded_draft.model, loaded_draft.tokenizer, backend,
+                                            exit_layer=loaded_draft.info.get("exit_layer"))
         self.tokenizer = loaded_draft.tokenizer
         self.target_tokenizer = target_tokenizer
         self.shared_vocab = same_vocabulary(self.tokenizer, target_tokenizer)

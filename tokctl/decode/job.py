@@ -249,6 +249,13 @@ def run(cfg, run) -> dict[str, Any]:
     if packed:
         prepack(loaded.model)  # shared, like quant: every method and baseline read packed weights
     loaded.info["prepacked"] = packed
+    if cfg.get("batch_size") is not None or getattr(method, "batched", False):
+        if prompts is None:
+            raise UserError(f"data={cfg.data.name} is not decoded in batches; batch_size= and "
+                            f"method=skipdecode take prompt sets (builtin, jsonl)")
+        from tokctl.decode import batch_job
+
+        return batch_job.run(cfg, run, prompts, method, baseline, also, loaded, settings)
     target = make_target(loaded.model, loaded.tokenizer, str(cfg.model.get("backend") or "auto"),
                          compile=bool(cfg.get("compile", False)), exact=bool(cfg.get("exact", False)))
     # The weight format, for the verify-cost table's key: each costs differently.

@@ -196,9 +196,10 @@ class FastTarget(Target):
 
     def __init__(self, model, tokenizer, attention=None, exit_layer: int | None = None,
                  compile: bool = False, exact: bool = False, exact_block: int = 32,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", adapter=None):
         super().__init__(model, tokenizer)
-        self.fast = fast_llama.FastLlama(model, attention=attention, exit_layer=exit_layer)
+        self.fast = fast_llama.FastLlama(model, attention=attention, exit_layer=exit_layer,
+                                         adapter=adapter)
         self.cache = self.fast.new_cache(1024)
         self.compiled = bool(compile)
         self.exact = bool(exact)

@@ -114,10 +114,13 @@ class StaticKVCache:
 class FastLlama:
     """The lean forward over a :class:`StaticKVCache`."""
 
-    def __init__(self, model, attention=None, exit_layer: int | None = None):
+    def __init__(self, model, attention=None, exit_layer: int | None = None, adapter=None):
         """``exit_layer``: run only the first N decoder layers, then the final norm and head
-        (early exit: the same model as its own cheaper draft). ``attention(q, k, v, allowed)``
-        replaces the dispatcher :func:`tokctl.kernels.tree_attention.tree_attention`."""
+        (early exit: the same model as its own cheaper draft). ``adapter``: Kangaroo's adapter
+        (:class:`tokctl.decode.kangaroo.KangarooAdapter`: one attention sublayer with its input
+        norm, then its own final norm) between the exit and the shared head; its keys and values
+        take one more cache layer. ``attention(q, k, v, allowed)`` replaces the dispatcher
+        :func:`tokctl.kernels.tree_attention.tree_attention`."""
         if not supports(model):
             raise ValueError(f"FastLlama does not support {type(model).__name__}")
         self.model = model
@@ -126,7 +129,8 @@ class FastLlama:
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.layers = list(inner.layers)[:exit_layer] if exit_layer else list(inner.layers)
-        self.norm = inner.norm
+        self.adapter = adapter
+        self.norm = adapter.norm if adapter is not None else inner.norm
         self.lm_head = model.lm_head
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
@@ -138,6 +142,8 @@ class FastLlama:
         self.qkv = [_fused([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj])
                     for l in self.layers]
         self.gate_up = [_fused([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        if adapter is not None:
+            self.adapter_qkv = _fused([adapter.q_proj, adapter.k_proj, adapter.v_proj])
         # Sparse decoding's hook: when set, (layer, q, k, v, allowed) -> out replaces attention.
         self.layer_attention = None
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or 1 << 30
@@ -158,7 +164,7 @@ class FastLlama:
         return self.embed.device
 
     def new_cache(self, capacity: int) -> StaticKVCache:
-        return StaticKVCache(len(self.layers), self.kv_heads, self.head_dim, capacity,
+        return StaticKVCache(len(self.layers) + (self.adapter is not None), self.kv_heads, self.head_dim, capacity,
                              self.dtype, self.device)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -188,30 +194,38 @@ class FastLlama:
 
     def forward(self, tokens, positions, slots, allowed, keys, values,
                 last_only: bool = False) -> torch.Tensor:
-        n = tokens.shape[0]
-        window = allowed.shape[1]
         cos, sin = self.cos[positions][None], self.sin[positions][None]  # [1, n, D]
         h = F.embedding(tokens, self.embed)[None]  # [1, n, d]
-        heads, kv_heads, dim = self.num_heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
-            x = self._rms(h, layer.input_layernorm.weight)
-            qkv = self.qkv[i](x[0]).view(n, heads + 2 * kv_heads, dim).transpose(0, 1)
-            qk = qkv[:heads + kv_heads]
-            qk = qk * cos + _rotate_half(qk) * sin  # q's and k's heads rotated together
-            q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
-            keys[i].index_copy_(1, slots, k)
-            values[i].index_copy_(1, slots, v)
-            kv = (keys[i, :, :window], values[i, :, :window], allowed)
-            out = (self.attention(q, *kv) if self.layer_attention is None
-                   else self.layer_attention(i, q, *kv))
-            h = h + layer.self_attn.o_proj(out.transpose(0, 1).reshape(1, n, -1))
+            h = self._attend(i, h, layer.input_layernorm.weight, self.qkv[i], layer.self_attn.o_proj,
+                             cos, sin, slots, keys, values, allowed)
             x = self._rms(h, layer.post_attention_layernorm.weight)
             gate, up = self.gate_up[i](x).chunk(2, dim=-1)
             h = h + layer.mlp.down_proj(F.silu(gate) * up)
+        if self.adapter is not None:  # Kangaroo: one attention sublayer, no MLP
+            a = self.adapter
+            h = self._attend(len(self.layers), h, a.input_layernorm.weight, self.adapter_qkv, a.o_proj,
+                             cos, sin, slots, keys, values, allowed)
         if last_only:
             h = h[:, -1:]
         h = self._rms(h, self.norm.weight)
         return self.lm_head(h)[0]
+
+    def _attend(self, i, h, norm_weight, qkv_proj, o_proj, cos, sin, slots, keys, values, allowed):
+        """The attention sublayer of layer ``i`` (cache layer ``i``), residual added."""
+        n, window = h.shape[1], allowed.shape[1]
+        heads, kv_heads, dim = self.num_heads, self.kv_heads, self.head_dim
+        x = self._rms(h, norm_weight)
+        qkv = qkv_proj(x[0]).view(n, heads + 2 * kv_heads, dim).transpose(0, 1)
+        qk = qkv[:heads + kv_heads]
+        qk = qk * cos + _rotate_half(qk) * sin  # q's and k's heads rotated together
+        q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
+        keys[i].index_copy_(1, slots, k)
+        values[i].index_copy_(1, slots, v)
+        kv = (keys[i, :, :window], values[i, :, :window], allowed)
+        out = (self.attention(q, *kv) if self.layer_attention is None
+               else self.layer_attention(i, q, *kv))
+        return h + o_proj(out.transpose(0, 1).reshape(1, n, -1))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
