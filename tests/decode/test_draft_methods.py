@@ -149,26 +149,35 @@ def test_the_chi_square_check_rejects_a_biased_sampler():
 def test_sampling_keeps_the_target_distribution(pair, name):
     """Empirical law of the second new token (the first one a verifier decides) against the exact
     marginal sum_t1 p(t1) p(t2 | t1): chi-square test at p = 1e-4."""
-    s = Settings(max_new_tokens=2, sampling=Sampling(temperature=1.0, top_k=3), eos_ids=frozenset())
     target = make_target(pair.model, pair.tokenizer)
-    prompt = [12, 40, 77, 5]
-    p1 = probs(target.prefill(prompt), s.sampling)
-    exact = torch.zeros_like(p1)
-    for t1 in p1.nonzero().flatten().tolist():
-        exact += p1[t1] * probs(target.prefill(prompt + [t1]), s.sampling)
     method = SAMPLED[name]()
     method.setup(target, pair)
     if name == "recycling":  # give the matrix something to draft from
         for _ in range(5):
-            method.generate(prompt, Settings(6, s.sampling, frozenset()), torch.Generator().manual_seed(9))
-    gen = torch.Generator().manual_seed(1)
-    counts = torch.zeros_like(exact)
-    for _ in range(600):
-        counts[method.generate(prompt, s, gen).tokens[1]] += 1
-    assert counts[exact == 0].sum() == 0
-    p_value = chi_square_p_value(counts, exact)
+            method.generate(PROMPT, Settings(6, SAMPLING, frozenset()), torch.Generator().manual_seed(9))
+    p_value = second_token_p_value(method, target)
     print(f"{name}: chi-square p = {p_value:.3g} over 600 draws")  # shown with pytest -s
     assert p_value > 1e-4, name
+
+
+PROMPT = [12, 40, 77, 5]
+SAMPLING = Sampling(temperature=1.0, top_k=3)
+
+
+def second_token_p_value(method, target, draws: int = 600) -> float:
+    """Chi-square p-value of ``method``'s second new token after :data:`PROMPT` (the first one a
+    verifier decides) against its exact law sum_t1 p(t1) p(t2 | t1) under ``target``."""
+    s = Settings(max_new_tokens=2, sampling=SAMPLING, eos_ids=frozenset())
+    p1 = probs(target.prefill(PROMPT), s.sampling)
+    exact = torch.zeros_like(p1)
+    for t1 in p1.nonzero().flatten().tolist():
+        exact += p1[t1] * probs(target.prefill(PROMPT + [t1]), s.sampling)
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.zeros_like(exact)
+    for _ in range(draws):
+        counts[method.generate(PROMPT, s, gen).tokens[1]] += 1
+    assert counts[exact == 0].sum() == 0
+    return chi_square_p_value(counts, exact)
 
 
 def test_a_draft_too_costly_to_pay_is_skipped_but_probed(pair):
