@@ -66,16 +66,24 @@ def test_prepacked_tree_rows_equal_one_token_steps():
     assert_block_rows_equal_steps(model, ids, prefix=30)
 
 
-def assert_block_rows_equal_steps(model, ids, prefix, **target_opts):
-    """The tokens after ``prefix`` run as one block and one at a time: each row bit for bit."""
+def assert_block_rows_equal_steps(model, ids, prefix, siblings=0, **target_opts):
+    """The tokens after ``prefix`` run as one block and one at a time: each row bit for bit.
+    ``siblings``: the block is a tree where each of those tokens follows that many sibling decoys
+    (so its slot lies past its position, with masked slots between it and its ancestors)."""
     tree, chain = FastTarget(model, None, **target_opts), FastTarget(model, None, **target_opts)
     tree.prefill(ids[:prefix])
     chain.prefill(ids[:prefix])
-    block = tree.forward(ids[prefix:])
+    tokens, parents, rows = [], [], []
+    for token in ids[prefix:]:
+        parent = rows[-1] if rows else -1
+        tokens += [(token + 1 + j) % model.config.vocab_size for j in range(siblings)] + [token]
+        parents += [parent] * (siblings + 1)
+        rows.append(len(tokens) - 1)
+    block = tree.forward(tokens, parents)
     for i, token in enumerate(ids[prefix:]):
         step = chain.forward([token])
         chain.commit([0])
-        assert torch.equal(block[i], step[0]), i
+        assert torch.equal(block[rows[i]], step[0]), i
 
 
 def test_prepack_choice():
@@ -118,3 +126,15 @@ def test_exact_rows_agree_past_512_cached_positions():
     model = prepack(LlamaForCausalLM(cfg).eval().to(torch.bfloat16))
     ids = torch.randint(0, 500, (640,), generator=torch.Generator().manual_seed(2)).tolist()
     assert_block_rows_equal_steps(model, ids, prefix=600, exact=True)
+
+
+def test_exact_tree_rows_agree_wherever_the_tree_puts_them():
+    """exact=true: a tree node sits at a later slot than its position, past masked siblings, and
+    still gets the one-token step's logits bit for bit (bf16 attention alone does not: it groups
+    its sums by slot)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=500, hidden_size=384, intermediate_size=768, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048)
+    model = prepack(LlamaForCausalLM(cfg).eval().to(torch.bfloat16))
+    ids = torch.randint(0, 500, (624,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert_block_rows_equal_steps(model, ids, prefix=600, siblings=3, exact=True)

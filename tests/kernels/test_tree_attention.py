@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tokctl import kernels
-from tokctl.kernels.tree_attention import (allowed_mask, tree_attention, tree_attention_ref,
-                                           tree_attention_triton)
+from tokctl.kernels.tree_attention import (allowed_mask, tree_attention, tree_attention_exact,
+                                           tree_attention_ref, tree_attention_triton)
 
 
 def tree_mask(parents):
@@ -87,6 +87,29 @@ def test_prefill_mask_takes_the_causal_path_with_the_same_result(heads, kv_heads
     causal[5, 2] = False  # no longer causal: the masked path, still right
     manual = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ vv
     torch.testing.assert_close(tree_attention_ref(q, k, v, causal), manual)
+
+
+def test_exact_attention_does_not_depend_on_where_the_keys_sit():
+    """The same keys, contiguous or with masked slots between them (a tree's node past its
+    siblings): exact attention gives the same bf16 bits; bf16 SDPA does not always."""
+    g = torch.Generator().manual_seed(5)
+    sdpa_differs = 0
+    for trial in range(12):
+        n_keys, gaps = 600 + trial, {5, 300, 590}
+        q = torch.randn(9, 4, 64, generator=g).bfloat16()
+        k, v = (torch.randn(3, n_keys, 64, generator=g).bfloat16() for _ in range(2))
+        slots = [j + sum(gap <= j for gap in gaps) for j in range(n_keys)]  # a junk slot at each gap
+        kg, vg = (torch.randn(3, n_keys + len(gaps), 64, generator=g).bfloat16() for _ in range(2))
+        kg[:, slots], vg[:, slots] = k, v
+        live = torch.zeros(4, n_keys + len(gaps), dtype=torch.bool)
+        live[:, slots] = True
+        together = (q, k, v, torch.ones(4, n_keys, dtype=torch.bool))
+        apart = (q, kg, vg, live)
+        assert torch.equal(tree_attention_exact(*together), tree_attention_exact(*apart))
+        sdpa_differs += not torch.equal(tree_attention_ref(*together), tree_attention_ref(*apart))
+        torch.testing.assert_close(tree_attention_exact(*together), tree_attention_ref(*together),
+                                   atol=2e-2, rtol=2e-2)
+    assert sdpa_differs > 0  # what the float64 path is for (torch 2.13's CPU kernels)
 
 
 def test_dispatch_uses_reference_on_cpu_by_default(monkeypatch):

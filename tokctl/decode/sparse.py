@@ -90,6 +90,11 @@ class SparseDecoding(Autoregressive):
     def make_policy(self, fast) -> Policy:
         raise NotImplementedError
 
+    def _set_top_k(self, top_k) -> None:
+        if int(top_k) < 1:
+            raise UserError(f"method.top_k={top_k} must be at least 1")
+        self.top_k = int(top_k)
+
     def budget(self) -> int:
         """How many cached positions a sparse step reads (each method's ``top_k``)."""
         return self.top_k

@@ -20,6 +20,7 @@ import torch
 
 from tokctl import measure
 from tokctl.errors import UserError
+from tokctl.kernels.tree_attention import tree_attention_exact
 from tokctl.models import fast_llama
 
 
@@ -185,11 +186,11 @@ def compile_step(step, device: torch.device, freeze: bool = True, backend: str =
 class FastTarget(Target):
     """The lean forward over a fixed-capacity cache. ``compile``: steps run through
     ``torch.compile`` with blocks padded to :data:`fast_llama.BUCKETS` and attention over the whole
-    capacity (a few fixed shapes). ``exact``: every block, a one-token ``ar`` step included, is
-    padded to one size (``exact_block``) and attends over the whole capacity, so that a row's
-    result cannot depend on how many rows run beside it (batch invariance: bf16 matmul kernels
-    round differently for 1 and for n rows, and attention for different key counts); with
-    prepacked weights (batch-invariant already) only the attention window is fixed.
+    capacity (a few fixed shapes). ``exact``: a row's result cannot depend on how many rows run
+    beside it or where its tree puts its ancestors (batch invariance): attention runs in float64
+    (:func:`tree_attention_exact`), and every block, a one-token ``ar`` step included, is padded
+    to one size (``exact_block``) unless the weights are prepacked (bf16 matmul kernels round
+    differently for 1 and for n rows; packed ones do not).
     ``compile_backend``: Inductor for real runs; tests check graph capture with a cheaper one."""
 
     backend = "fast"
@@ -198,14 +199,16 @@ class FastTarget(Target):
                  compile: bool = False, exact: bool = False, exact_block: int = 32,
                  compile_backend: str = "inductor", adapter=None):
         super().__init__(model, tokenizer)
+        self.exact = bool(exact)
+        if self.exact and attention is None:
+            attention = tree_attention_exact
         self.fast = fast_llama.FastLlama(model, attention=attention, exit_layer=exit_layer,
                                          adapter=adapter)
         self.cache = self.fast.new_cache(1024)
         self.compiled = bool(compile)
-        self.exact = bool(exact)
         self.max_block = None  # the most tokens one step may take and keep its shape
         # Prepacked bf16 linears compute a row the same whatever rows run with it, so exact steps
-        # need no padded rows there: only attention's fixed window (the whole capacity).
+        # need no padded rows there: attention in float64 does the rest.
         self.pad_rows = self.exact and not getattr(model.config, "tokctl_prepacked", False)
         if self.pad_rows:
             self.buckets = (int(exact_block),)
@@ -242,9 +245,6 @@ class FastTarget(Target):
         if parents is None:
             parents = list(range(-1, n - 1))
         prefill = self.length == 0
-        if self.exact and not self.pad_rows and not self.compiled and not prefill:
-            return self._block(tokens, parents, 0, n, pad_to=n, window=self.cache.capacity,
-                               last_only=last_only, step=self.fast.step)
         if self.buckets is None or prefill or (n > self.buckets[-1]
                                                 and parents != list(range(-1, n - 1))):
             # A prefill runs eagerly even when steps are compiled or padded: prompts come in every
@@ -262,11 +262,7 @@ class FastTarget(Target):
             m = hi - lo
             b = fast_llama.bucket(m, self.buckets)
             cparents = [p - lo if p >= lo else -1 for p in parents[lo:hi]]
-            # Exact steps also attend over the whole capacity: torch's CPU attention reduces a
-            # row differently for different key counts, so a tree row and `ar`'s step at the same
-            # position must see the same number of (masked) slots to agree bit for bit.
-            fixed = self.compiled or self.exact
-            window = self.cache.capacity if fixed else self.length + lo + b
+            window = self.cache.capacity if self.compiled else self.length + lo + b
             outs.append(self._block(tokens[lo:hi], cparents, lo, m, pad_to=b, window=window))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return out[-1:] if last_only else out

@@ -113,6 +113,26 @@ def tree_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.view(heads, n, dim)
 
 
+def tree_attention_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         allowed: torch.Tensor) -> torch.Tensor:
+    """Attention for ``exact=true``: scores, softmax and the weighted sum in float64, the result
+    rounded to the inputs' dtype. A tree places its nodes in the cache in tree order, so a node at
+    depth d sits at a later slot than the same token does in `ar`'s cache, with masked slots in
+    between; bf16 and fp32 kernels group a reduction by slot (vector lanes, paired bf16 products),
+    so the same keys summed from other slots round differently. In float64 the order's effect
+    (~1e-16) is far below a bf16 or fp32 rounding step: a row's result no longer depends on where
+    its keys sit, how many slots the window holds, or how many rows run beside it."""
+    if _is_causal_square(allowed):
+        return tree_attention_ref(q, k, v, allowed)  # a prefill: `ar` and every method share it
+    heads, n, dim = q.shape
+    kv_heads = k.shape[0]
+    group = heads // kv_heads
+    scores = q.double().reshape(kv_heads, group * n, dim) @ k.double().transpose(1, 2)
+    scores = (scores * dim ** -0.5).masked_fill_(~allowed.repeat(group, 1), float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v.double()
+    return out.view(heads, n, dim).to(q.dtype)
+
+
 _causal_masks: dict[tuple[int, str], torch.Tensor] = {}
 
 

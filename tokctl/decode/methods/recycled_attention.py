@@ -50,10 +50,8 @@ class RecycledAttention(SparseDecoding):
     def __init__(self, stride: int = 10, top_k: int = 256):
         if int(stride) < 1:
             raise UserError(f"method.stride={stride} must be at least 1")
-        if int(top_k) < 1:
-            raise UserError(f"method.top_k={top_k} must be at least 1")
         self.stride = int(stride)
-        self.top_k = int(top_k)
+        self._set_top_k(top_k)
 
     def make_policy(self, fast):
         return RecycledPolicy(len(fast.layers), fast.attention, self.stride, self.top_k)

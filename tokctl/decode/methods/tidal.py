@@ -38,11 +38,9 @@ class TidalDecode(SparseDecoding):
 
     def __init__(self, top_k: int = 256, selection_layer: int = 2,
                  reselection_layer: int | str = "auto"):
-        if int(top_k) < 1:
-            raise UserError(f"method.top_k={top_k} must be at least 1")
         if int(selection_layer) < 0:
             raise UserError(f"method.selection_layer={selection_layer} must be >= 0")
-        self.top_k = int(top_k)
+        self._set_top_k(top_k)
         self.selection_layer = int(selection_layer)
         self.reselection_value = reselection_layer
 
