@@ -3,7 +3,8 @@ against compiled, in each dtype and weight format, interleaved in one process; t
 bandwidth and the weight bytes a step reads (the memory-bound floor of a one-token step).
 
     python bench/engine_cost.py [--model smollm2-135m | --arch tiny] [--dtypes float32 bfloat16]
-        [--quant none int8 packed] [--variants eager compiled] [--sizes 1 2 4 8 16 32 64] [--json F]
+        [--quant none int8 packed] [--variants eager compiled exact] [--sizes 1 2 4 8 16 32 64]
+        [--json F]
 
 Sizes round-robin inside each round and variants alternate inside each size, so the drift of a
 shared machine hits all alike; the median of ``--rounds`` after one warm-up round (which also
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--quant", nargs="+", default=["none"],
                     help="weight formats: none, int8, packed (bf16 prepacked, model.prepack)")
-    ap.add_argument("--variants", nargs="+", default=["eager", "compiled"])
+    ap.add_argument("--variants", nargs="+", default=["eager", "compiled"],
+                    help="eager, compiled (compile=true), exact (exact=true)")
     ap.add_argument("--sizes", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--prefix", type=int, default=160)
     ap.add_argument("--rounds", type=int, default=5)
@@ -128,7 +130,8 @@ def main(argv=None) -> int:
                 continue  # prepacking is for bf16 weights (model.prepack)
             model, source = load(args, dtype, quant)
             wb = weight_bytes(model)
-            targets = {v: FastTarget(model, None, compile=v == "compiled") for v in args.variants}
+            targets = {v: FastTarget(model, None, compile=v == "compiled", exact=v == "exact")
+                       for v in args.variants}
             t0 = time.perf_counter()
             ms = time_variants(targets, args.sizes, args.prefix, args.rounds, args.device)
             # A one-token step can go no faster than reading the weights once at the memory's
