@@ -22,7 +22,6 @@ Greedy decoding (temperature 0) is not relaxed.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +29,6 @@ import torch
 from tokctl.decode.sampling import probs
 from tokctl.decode.speculative import DETERMINISTIC, Draft, SpeculativeMethod, verify
 from tokctl.errors import UserError
-
-METHOD_DIR = Path(__file__).resolve().parents[3] / "conf" / "decode" / "method"
 
 
 def nearest_codes(vectors: torch.Tensor, k: int) -> torch.Tensor:
@@ -153,12 +150,14 @@ def _base_method(name: str, overrides: dict[str, Any]) -> SpeculativeMethod:
     """The drafting method from its config (conf/decode/method/NAME.yaml) and overrides."""
     from omegaconf import OmegaConf
 
-    path = METHOD_DIR / f"{name}.yaml"
-    if name == "lantern" or not path.is_file():
-        raise UserError(f"method.base={name}: not a drafting method (one of "
-                        f"{', '.join(sorted(p.stem for p in METHOD_DIR.glob('*.yaml')))})")
+    from tokctl.config import conf_dir
     from tokctl.decode.job import build_method
 
+    folder = conf_dir("decode") / "method"  # a checkout's conf/ or the wheel's copy
+    path = folder / f"{name}.yaml"
+    if name == "lantern" or not path.is_file():
+        raise UserError(f"method.base={name}: not a drafting method (one of "
+                        f"{', '.join(sorted(p.stem for p in folder.glob('*.yaml')))})")
     method = build_method(OmegaConf.merge(OmegaConf.load(path), overrides))
     if not isinstance(method, SpeculativeMethod):
         raise UserError(f"method.base={name}: not a draft-and-verify method")
