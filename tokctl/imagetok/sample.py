@@ -146,6 +146,7 @@ def run(cfg, run) -> dict:
     gen = torch.Generator().manual_seed(int(cfg.seed))
     with progress_bar(f"sample ({method.name})", n) as advance:
         ids, accepted, seconds = generate(method, target, prior, n, settings, gen, batch, advance)
+    method.finish()  # e.g. recycling's matrix_path
     images = write_images(run, tok, ids, cfg.grid_columns)
     for i, steps in enumerate(accepted):
         run.append_sample({"image": i, "file": f"tokens/{i:04d}.tok", "target_steps": len(steps),
