@@ -96,6 +96,11 @@ JOBS: dict[str, Job] = {
             ("tokctl tokenize-image prior train",
              "tokctl tokenize-image prior train tokenizer_path=vq2d train.steps=500",
              "tokctl tokenize-image prior train resume=runs/tokenize-image-prior-train/DATE/TIME_prior")),
+        Job("tokenize-image sample", "decode", "sample_image", "tokctl.imagetok.sample:run",
+            "Images drawn from the token prior and decoded by its tokenizer: token files and a "
+            "PNG grid; method= any decoding method (ar, recycling, lookup, lantern).",
+            ("tokctl tokenize-image sample", "tokctl tokenize-image sample images=64 top_k=100",
+             "tokctl tokenize-image sample method=lantern method.delta=0.1 method.k=4 batch=1")),
         Job("tokenize-image train", "tokenize_image", "train", "tokctl.imagetok.train:run",
             "Train an image tokenizer on random crops of photos (resumable).",
             ("tokctl tokenize-image train", "tokctl tokenize-image train tokenizer=vq2d quantizer=vq",

@@ -164,18 +164,33 @@ PROMPT = [12, 40, 77, 5]
 SAMPLING = Sampling(temperature=1.0, top_k=3)
 
 
-def second_token_p_value(method, target, draws: int = 600) -> float:
-    """Chi-square p-value of ``method``'s second new token after :data:`PROMPT` (the first one a
-    verifier decides) against its exact law sum_t1 p(t1) p(t2 | t1) under ``target``."""
-    s = Settings(max_new_tokens=2, sampling=SAMPLING, eos_ids=frozenset())
-    p1 = probs(target.prefill(PROMPT), s.sampling)
+def second_token_law(target, prompt=PROMPT, sampling=SAMPLING) -> torch.Tensor:
+    """The exact law sum_t1 p(t1) p(t2 | t1) of the second new token after ``prompt``."""
+    p1 = probs(target.prefill(prompt), sampling)
     exact = torch.zeros_like(p1)
     for t1 in p1.nonzero().flatten().tolist():
-        exact += p1[t1] * probs(target.prefill(PROMPT + [t1]), s.sampling)
+        exact += p1[t1] * probs(target.prefill(prompt + [t1]), sampling)
+    return exact
+
+
+def second_token_counts(method, target, draws: int = 600, prompt=PROMPT,
+                        sampling=SAMPLING) -> torch.Tensor:
+    """How often ``method`` draws each second new token after ``prompt`` (the first one a
+    verifier decides)."""
+    s = Settings(max_new_tokens=2, sampling=sampling, eos_ids=frozenset())
     gen = torch.Generator().manual_seed(1)
-    counts = torch.zeros_like(exact)
+    counts = torch.zeros(target.vocab_size)
     for _ in range(draws):
-        counts[method.generate(PROMPT, s, gen).tokens[1]] += 1
+        counts[method.generate(prompt, s, gen).tokens[1]] += 1
+    return counts
+
+
+def second_token_p_value(method, target, draws: int = 600, prompt=PROMPT,
+                         sampling=SAMPLING) -> float:
+    """Chi-square p-value of ``method``'s second new token after ``prompt`` against its exact
+    law under ``target``."""
+    exact = second_token_law(target, prompt, sampling)
+    counts = second_token_counts(method, target, draws, prompt, sampling)
     assert counts[exact == 0].sum() == 0
     return chi_square_p_value(counts, exact)
 

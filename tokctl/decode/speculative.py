@@ -199,6 +199,11 @@ class SpeculativeMethod(DecodingMethod):
                 bonus: int) -> None:
         """After verification: ``logits[0]`` is the root's, ``logits[1 + i]`` draft node i's."""
 
+    def verify(self, draft: Draft, logits: torch.Tensor, sampling: Sampling,
+               generator) -> tuple[list[int], int]:
+        """The acceptance rule: the lossless :func:`verify`; LANTERN relaxes it."""
+        return verify(draft, logits, sampling, generator)
+
     def generate(self, prompt_ids: list[int], settings: Settings,
                  generator: torch.Generator | None) -> Generation:
         target = self.target
@@ -224,7 +229,7 @@ class SpeculativeMethod(DecodingMethod):
             tree_tokens = [tokens[-1]] + draft.tokens
             tree_parents = [-1] + [p + 1 if p >= 0 else 0 for p in draft.parents]
             logits = target.forward(tree_tokens, tree_parents)
-            path, bonus = verify(draft, logits, settings.sampling, generator)
+            path, bonus = self.verify(draft, logits, settings.sampling, generator)
             target.commit([0] + [i + 1 for i in path])
             self.observe(tokens, draft, logits, path, bonus)
             new = [draft.tokens[i] for i in path] + [bonus]

@@ -35,7 +35,10 @@ class PriorBlock(Block):
     """The tokenizers' pre-norm block (same weights), run causally with an optional key/value
     cache (for coding one position at a time)."""
 
-    def forward(self, x: torch.Tensor, cache: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: list | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (new rows x cached + new keys, True = may attend): the decoding engine's tree
+        verification (prior_target.py); without it new rows see every cached key."""
         b, s, w = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, w // self.heads).unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -43,7 +46,7 @@ class PriorBlock(Block):
             if cache:
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
             cache[:] = [k, v]
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, s, w))

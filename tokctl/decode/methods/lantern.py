@@ -1,0 +1,164 @@
+"""`method=lantern`: relaxed speculative decoding for image-token models (LANTERN, Jang et al.,
+ICLR 2025), over any drafting method (``base``).
+
+Visual tokens are often interchangeable: a drafted code whose neighbours in the tokenizer's code
+space carry the target's probability makes as good an image. LANTERN therefore accepts a drafted
+token x not only when the target would pick x but when it would pick one of x's *latent
+neighbourhood* A_{k,delta}(x): the nearest of x's k nearest codes (Euclidean distance between the
+quantiser's code vectors, ties by id) whose target probabilities sum to at most delta. Moving
+that mass onto x changes the one-step law by exactly that mass in total variation, so the
+distribution decoded at each position stays within delta of the target's.
+
+The verification here is the one the official code runs for tree drafts (draft probability
+taken as 1, i.e. the base's draft verified against the target's own sample): at each node one
+token y is drawn from the target's distribution; the child whose neighbourhood holds y is
+accepted (the path continues there), else y is the bonus token. Siblings claim neighbourhoods in
+draft order, each skipping codes already claimed or drafted as a sibling, and share one budget
+delta (the official code gives each sibling its own, which can move up to delta per sibling):
+the node's output law is the target's with the claimed mass moved onto the children, within
+delta of it. delta = 0 claims nothing and is the engine's lossless verification exactly.
+Greedy decoding (temperature 0) is not relaxed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tokctl.decode.sampling import probs
+from tokctl.decode.speculative import DETERMINISTIC, Draft, SpeculativeMethod, verify
+from tokctl.errors import UserError
+
+
+def nearest_codes(vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """(V, d) code vectors -> (V, k) ids of each code's k nearest other codes, nearest first
+    (ties by id: FSQ grids have many equidistant codes)."""
+    d = torch.cdist(vectors.double(), vectors.double())
+    d.fill_diagonal_(float("inf"))
+    # a stable sort keeps equal distances in id order
+    return torch.sort(d, dim=1, stable=True).indices[:, :k]
+
+
+def neighbourhoods(kids: list[int], p: torch.Tensor, near: torch.Tensor,
+                   delta: float) -> dict[int, int]:
+    """token -> index (into ``kids``, draft tokens) of the child that claims it. Each child
+    claims itself, then its nearest codes in order while the claimed mass (shared by the
+    siblings) stays within ``delta``; codes drafted as siblings or claimed already are skipped."""
+    owner = {t: i for i, t in reversed(list(enumerate(kids)))}  # a duplicate token: first child
+    moved = 0.0
+    if delta <= 0:
+        return owner
+    for i, x in enumerate(kids):
+        if owner.get(x) != i:
+            continue
+        for y in near[x].tolist():
+            if y in owner:
+                continue
+            py = float(p[y])
+            if moved + py > delta:
+                break  # the neighbourhood is a prefix of the nearest codes
+            moved += py
+            owner[y] = i
+    return owner
+
+
+def relaxed_verify(draft: Draft, logits: torch.Tensor, sampling, generator,
+                   near: torch.Tensor, delta: float) -> tuple[list[int], int]:
+    """Walk the tree with the relaxed rule (module docstring); returns (path, bonus) as
+    :func:`tokctl.decode.speculative.verify`."""
+    children = draft.children()
+    p_all = probs(logits, sampling).cpu()
+    path: list[int] = []
+    node = -1
+    while True:
+        kids = children.get(node, [])
+        p = p_all[node + 1]
+        y = int(torch.multinomial(p, 1, generator=generator))
+        owner = neighbourhoods([draft.tokens[c] for c in kids], p, near, delta) if kids else {}
+        if y not in owner:
+            return path, y
+        node = kids[owner[y]]
+        path.append(node)
+
+
+class Lantern(SpeculativeMethod):
+    name = "lantern"
+
+    def __init__(self, base: str = "recycling", k: int = 4, delta: float = 0.1,
+                 base_args: dict[str, Any] | None = None):
+        super().__init__()
+        delta = float(delta)
+        if not 0.0 <= delta <= 1.0:
+            raise UserError(f"method.delta={delta}: the total-variation budget must be in [0, 1]")
+        if int(k) < 1:
+            raise UserError(f"method.k={k} must be at least 1")
+        self.k, self.delta = int(k), delta
+        self.base = _base_method(str(base), base_args or {})
+        self.near: torch.Tensor | None = None
+
+    def setup(self, target, loaded) -> None:
+        super().setup(target, loaded)
+        vectors = getattr(loaded, "code_vectors", None)
+        if vectors is None:
+            raise UserError("method=lantern needs an image-token model whose tokenizer gives the "
+                            "codes' latent vectors: run it through `tokctl tokenize-image sample`")
+        if self.k >= len(vectors):
+            raise UserError(f"method.k={self.k}: the codebook has {len(vectors)} codes, so at "
+                            f"most {len(vectors) - 1} neighbours")
+        self.base.setup(target, loaded)
+        self.near = nearest_codes(vectors, self.k)
+
+    # The base drafts and learns; LANTERN only changes how drafts are accepted.
+    @property
+    def wants_prompt_logits(self) -> bool:
+        return self.base.wants_prompt_logits
+
+    def start(self, prompt_ids, prefill_logits) -> None:
+        self.base.start(prompt_ids, prefill_logits)
+
+    def propose(self, tokens, settings, generator) -> Draft:
+        draft = self.base.propose(tokens, settings, generator)
+        # A sampled draft's probabilities are not used: every draft is checked against the
+        # target's own samples, which is lossless for any draft (and what delta relaxes).
+        draft.scheme, draft.q, draft.draws = DETERMINISTIC, {}, {}
+        return draft
+
+    def verify(self, draft, logits, sampling, generator):
+        if sampling.greedy:
+            return verify(draft, logits, sampling, generator)
+        return relaxed_verify(draft, logits, sampling, generator, self.near, self.delta)
+
+    def observe(self, tokens, draft, logits, path, bonus) -> None:
+        self.base.observe(tokens, draft, logits, path, bonus)
+
+    def snapshot(self):
+        return self.base.snapshot()
+
+    def restore(self, snap) -> None:
+        self.base.restore(snap)
+
+    def finish(self) -> None:
+        self.base.finish()
+
+    def run_info(self) -> dict:
+        return {"base": self.base.name, "k": self.k, "delta": self.delta,
+                "base_info": self.base.run_info()}
+
+
+def _base_method(name: str, overrides: dict[str, Any]) -> SpeculativeMethod:
+    """The drafting method from its config (conf/decode/method/NAME.yaml) and overrides."""
+    from omegaconf import OmegaConf
+
+    from tokctl.config import conf_dir
+    from tokctl.decode.job import build_method
+
+    folder = conf_dir("decode") / "method"  # a checkout's conf/ or the wheel's copy
+    path = folder / f"{name}.yaml"
+    if name == "lantern" or not path.is_file():
+        raise UserError(f"method.base={name}: not a drafting method (one of "
+                        f"{', '.join(sorted(p.stem for p in folder.glob('*.yaml')))})")
+    method = build_method(OmegaConf.merge(OmegaConf.load(path), overrides))
+    if not isinstance(method, SpeculativeMethod):
+        raise UserError(f"method.base={name}: not a draft-and-verify method")
+    return method

@@ -1,0 +1,79 @@
+"""The token prior (prior.py) as a decoding-engine target, so that `ar`, the drafting methods and
+LANTERN (decode/methods/*.py) run on image tokens through the same engine as on text.
+
+Why an adapter and not a prior retrained as a Hugging Face Llama: the shipped prior
+(weights/default.prior.pt) is a TokenPrior, and the engine needs only three operations of a
+target (prefill, a tree forward after the committed prefix, commit): about sixty lines over the
+prior's own blocks, against retraining (CPU hours here) and a second prior format.
+
+A sequence is ``[BOS] + code ids`` (BOS is id ``vocab``, which the prior embeds but never
+predicts). The cache holds one key/value pair per block; a tree's pending entries are appended
+and :meth:`_keep` keeps the committed path. Input position i uses the prior's position embedding
+i, as in :meth:`TokenPrior.forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokctl.decode.target import Target, tree_positions_and_mask
+from tokctl.imagetok.prior import TokenPrior
+
+
+class PriorTarget(Target):
+    backend = "prior"
+
+    def __init__(self, prior: TokenPrior, source: str = "prior"):
+        # Target.__init__ reads a Hugging Face model's config; the prior's facts are set here.
+        self.model, self.tokenizer, self.source = prior, None, source
+        self.device = next(prior.parameters()).device
+        self.dtype = next(prior.parameters()).dtype
+        self.vocab_size = prior.vocab
+        self.bos = prior.vocab
+        # BOS + max_tokens - 1 inputs predict max_tokens ids; the last id is never an input.
+        self.max_positions = prior.max_tokens + 1
+        self.length = self._pending = self.forward_calls = 0
+        self.prefill_s = self.shared_prefill_s = 0.0
+        self.prompt, self.share_prefill, self._held = None, False, None
+        self.caches: list[list] = []
+
+    def _reset(self, capacity: int) -> None:
+        self.caches = [[] for _ in self.model.blocks]
+
+    @torch.no_grad()
+    def _run(self, tokens, parents, last_only):
+        m = self.model
+        n = tokens.numel()
+        if parents is None:
+            depth = torch.arange(n, device=self.device)
+            tree = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        else:
+            depth, tree = tree_positions_and_mask(torch.tensor(parents, device=self.device))
+        mask = torch.cat([torch.ones(n, self.length, dtype=torch.bool, device=self.device), tree], 1)
+        # Positions past the prior's length occur only in the verify-cost measurement's long
+        # random sequences (budget.measure); the cost of a step does not depend on them.
+        pos = (self.length + depth).clamp(max=m.max_tokens - 1)
+        x = (m.embed(tokens) + m.pos[pos])[None]
+        for block, cache in zip(m.blocks, self.caches):
+            x = block(x, cache, mask[None, None])
+        if last_only:
+            x = x[:, -1:]
+        return m.head(m.norm(x))[0]
+
+    def _keep(self, keep):
+        index = torch.cat([torch.arange(self.length, device=self.device),
+                           torch.tensor(keep, dtype=torch.long, device=self.device) + self.length])
+        for cache in self.caches:
+            cache[:] = [cache[0].index_select(2, index), cache[1].index_select(2, index)]
+
+    def _truncate(self, length: int) -> None:
+        for cache in self.caches:
+            cache[:] = [cache[0][:, :, :length], cache[1][:, :, :length]]
+
+
+class PriorSource:
+    """What a method's ``setup(target, loaded)`` reads of a loaded model: the name that keys the
+    verify-cost cache (budget.py), and no text tokenizer."""
+
+    def __init__(self, source: str):
+        self.source, self.tokenizer, self.draft = source, None, None

@@ -1,0 +1,162 @@
+"""`tokctl tokenize-image sample`: images drawn from the token prior (prior.py) and decoded by its
+tokenizer: token files (the tokfile format, plain bits) and a PNG grid in the run folder.
+
+``method=ar`` with ``batch`` > 1 samples a batch of sequences at once over the prior's own
+key/value cache (the fastest way to make many images); any other method, or ``batch=1``, runs
+each image through the decoding engine (prior_target.py), one sequence at a time, so that `ar`,
+the drafting methods and LANTERN (method=lantern) are timed the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokctl.console import progress_bar
+from tokctl.errors import UserError
+from tokctl.imagetok import tokfile
+from tokctl.imagetok.checkpoint import load_tokenizer
+from tokctl.imagetok.prior import TokenPrior, load_prior, prior_for
+
+
+def load_pair(tokenizer_path, prior_path):
+    """The tokenizer and its prior (the one given, else the shipped one for it)."""
+    tok = load_tokenizer(tokenizer_path)
+    if prior_path:
+        prior = load_prior(prior_path)
+        if prior.tokenizer_hash != tok.hash:
+            raise UserError(f"prior_path={prior_path}: a prior of another tokenizer's tokens "
+                            f"(tokenizer {prior.tokenizer_hash:06x}; {tok.path} is {tok.hash:06x})")
+    else:
+        prior = prior_for(tok.hash)
+        if prior is None:
+            raise UserError(f"no shipped prior for {tok.path}: train one with `tokctl "
+                            f"tokenize-image prior train tokenizer_path=...` and give prior_path=")
+    return tok, prior
+
+
+def code_vectors(tok) -> torch.Tensor:
+    """(codebook, dim) latent vector of every code id (a residual quantiser's first stage)."""
+    q = tok.model.quantizer
+    ids = torch.full((q.codebook_size, 1, q.depth), -1, dtype=torch.long)
+    ids[:, 0, 0] = torch.arange(q.codebook_size)
+    with torch.no_grad():
+        return q.embed(ids)[:, 0].float()
+
+
+@torch.no_grad()
+def sample_batch(prior: TokenPrior, b: int, sampling, generator) -> torch.Tensor:
+    """(b, max_tokens) ids drawn together, one position a step over the prior's cache."""
+    from tokctl.decode.sampling import probs
+
+    caches = [[] for _ in prior.blocks]
+    prev = torch.full((b, 1), prior.vocab, dtype=torch.long)
+    out = torch.zeros(b, prior.max_tokens, dtype=torch.long)
+    for i in range(prior.max_tokens):
+        x = prior.embed(prev) + prior.pos[i:i + 1]
+        for block, cache in zip(prior.blocks, caches):
+            x = block(x, cache)
+        p = probs(prior.head(prior.norm(x))[:, 0], sampling)
+        out[:, i] = torch.multinomial(p, 1, generator=generator)[:, 0]
+        prev = out[:, i:i + 1]
+    return out
+
+
+def engine(method, tok, prior):
+    """``method`` set up on the prior as a decoding-engine target."""
+    from tokctl.imagetok.prior_target import PriorSource, PriorTarget
+
+    target = PriorTarget(prior.model)
+    loaded = PriorSource(f"tokctl-prior:{prior.hash:06x}")
+    loaded.code_vectors = code_vectors(tok)
+    method.setup(target, loaded)
+    return target
+
+
+def save_grid(images: list[Image.Image], path, columns: int | None = None) -> None:
+    cols = int(columns or math.ceil(math.sqrt(len(images))))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    grid.save(path)
+
+
+def write_images(run, tok, ids: np.ndarray, columns=None, grid_max: int = 64) -> list[Image.Image]:
+    """Token files tokens/NNNN.tok, the decoded images, grid.png of the first ``grid_max``."""
+    from tokctl.imagetok.codec import decode_files
+
+    folder = run.file("tokens")
+    folder.mkdir(exist_ok=True)
+    size = tok.model.image_size
+    kind = tokfile.KINDS.get(tok.name, tokfile.OTHER_KIND)
+    files = []
+    for i, row in enumerate(ids):
+        tf = tokfile.TokenFile(kind, tok.hash, size, size, row[None].astype(np.int64))
+        (folder / f"{i:04d}.tok").write_bytes(tokfile.dumps(tf, tok.model.codebook_size))
+        files.append(tf)
+    images = decode_files(tok, files)
+    if images:
+        save_grid(images[:grid_max], run.file("grid.png"), columns)
+    return images
+
+
+def generate(method, target, prior, n: int, settings, generator, batch: int = 1,
+             advance=None) -> tuple[np.ndarray, list[list[int]], float]:
+    """``n`` token sequences: (ids (n, max_tokens), tokens accepted per target step of each,
+    seconds spent generating)."""
+    ids, accepted, seconds = [], [], 0.0
+    while len(ids) < n:
+        start = time.perf_counter()
+        if target is None:
+            rows = sample_batch(prior.model, min(batch, n - len(ids)), settings.sampling,
+                                generator).numpy()
+            steps = [[1] * prior.model.max_tokens] * len(rows)
+        else:
+            g = method.generate([target.bos], settings, generator)
+            rows, steps = np.asarray([g.tokens]), [g.accepted_per_step]
+        seconds += time.perf_counter() - start
+        ids.extend(rows)
+        accepted.extend(steps)
+        if advance:
+            advance(len(rows))
+    return np.stack(ids), accepted, seconds
+
+
+def run(cfg, run) -> dict:
+    from tokctl.decode.job import build_method
+    from tokctl.decode.sampling import Sampling, Settings
+
+    n, batch = int(cfg.images), int(cfg.batch)
+    if n < 1 or batch < 1:
+        raise UserError(f"images={n} and batch={batch} must be at least 1")
+    tok, prior = load_pair(cfg.tokenizer_path, cfg.prior_path)
+    method = build_method(cfg.method)
+    sampling = Sampling(float(cfg.temperature), int(cfg.top_k), float(cfg.top_p))
+    settings = Settings(max_new_tokens=prior.model.max_tokens, sampling=sampling)
+    batched = method.name == "ar" and batch > 1
+    target = None if batched else engine(method, tok, prior)
+    run.update_env(tokenizer=str(tok.path), tokenizer_hash=f"{tok.hash:06x}",
+                   prior=str(prior.path), prior_hash=f"{prior.hash:06x}")
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    with progress_bar(f"sample ({method.name})", n) as advance:
+        ids, accepted, seconds = generate(method, target, prior, n, settings, gen, batch, advance)
+    method.finish()  # e.g. recycling's matrix_path
+    images = write_images(run, tok, ids, cfg.grid_columns)
+    for i, steps in enumerate(accepted):
+        run.append_sample({"image": i, "file": f"tokens/{i:04d}.tok", "target_steps": len(steps),
+                           "mean_accepted": sum(steps) / len(steps)})
+    if bool(cfg.save_png):
+        for i, im in enumerate(images):
+            im.save(run.file("tokens") / f"{i:04d}.png")
+    tokens = ids.size
+    steps = sum(len(s) for s in accepted)
+    return {"method": method.name, "images": n, "tokens_per_image": int(ids.shape[1]),
+            "seconds": seconds, "images_per_s": n / seconds, "tokens_per_s": tokens / seconds,
+            "mean_accepted_per_step": tokens / steps, "batched": batched,
+            "method_info": method.run_info()}
