@@ -286,7 +286,11 @@ def run(cfg, run) -> dict[str, Any]:
     console.print(f"held-out top-1 agreement with the full model: {final['val_top1']:.3f} "
                   f"(plain exit at layer {exit_layer}: {final['val_top1_no_adapter']:.3f}); "
                   f"use method=kangaroo method.adapter={path}")
-    return {"exit_layer": exit_layer, "steps": done, "sequences": n, "tokens": tokens,
+    corpus = f"from {cfg.corpus_from}" if cfg.get("corpus_from") else str(cfg.source)
+    if resume is not None:
+        corpus = f"resumed {resume}"
+    return {"exit_layer": exit_layer, "corpus": corpus, "steps": done, "sequences": n,
+            "tokens": tokens,
             "corpus_and_cache_s": round(corpus_s, 1), "train_s": round(train_s, 1),
             "adapter": str(path), "model_fingerprint": fingerprint,
             **{k: v for k, v in final.items() if k.startswith("val_")},
