@@ -69,19 +69,18 @@ def exit_drafter(loaded, adapter_value, exit_layer: int | None, method: str,
     return drafter, info, source
 
 
-def draft_cost(loaded_source: str, target, draft_source: str, draft_target) -> float | None:
-    """One draft forward over one target forward (one token each), from the cached cost tables
-    (measured once per engine variant, like the tree budget's)."""
-    from tokctl.decode.budget import cached_cost
+def draft_cost(target, draft_target) -> float | None:
+    """One draft forward over one target forward (one token each), both timed now, one after the
+    other (not from the cost-table cache: a table measured hours earlier under another load is
+    not comparable with one measured now)."""
+    from tokctl.decode.budget import measure
 
     try:
-        refresh = getattr(target, "remeasure_cost", False)
-        t = cached_cost(loaded_source, target, max_n=4, refresh=refresh)(1)
-        d = cached_cost(draft_source, draft_target, max_n=4, refresh=refresh)(1)
+        t = measure(target, max_n=1, rounds=5)(1)
+        d = measure(draft_target, max_n=1, rounds=5)(1)
     except Exception:  # noqa: BLE001 - a figure, not worth failing a run for
         return None
     return d / t
-
 
 class Kangaroo(SpeculativeMethod):
     name = "kangaroo"
@@ -151,7 +150,7 @@ class Kangaroo(SpeculativeMethod):
         self._accepted.append(len(path))
 
     def _draft_cost(self) -> float | None:
-        return draft_cost(self.loaded_source, self.target, self.draft_source, self.drafter.target)
+        return draft_cost(self.target, self.drafter.target)
 
     def run_info(self) -> dict:
         steps = len(self._drafted)

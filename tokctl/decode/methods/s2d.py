@@ -137,6 +137,5 @@ class S2D(Kangaroo):
 
     def finish(self) -> None:
         if self.drafters and self._costs is None:
-            costs = [draft_cost(self.loaded_source, self.target, s, d.target)
-                     for s, d in zip(self.sources, self.drafters)]
+            costs = [draft_cost(self.target, d.target) for d in self.drafters]
             self._costs = [None if c is None else round(c, 4) for c in costs]
