@@ -39,7 +39,7 @@ def _as_list(value, key: str) -> list:
 class S2D(Kangaroo):
     name = "s2d"
 
-    def __init__(self, exit_layers=(2, 4, 8), adapters="auto", thresholds=(0.8, 0.7, 0.6),
+    def __init__(self, exit_layers=(4, 8), adapters="auto", thresholds=(0.8, 0.6),
                  max_tokens: int = 6):
         layers = [int(x) for x in _as_list(exit_layers, "exit_layers")]
         if not layers:
