@@ -34,11 +34,11 @@ def without_adapter(value) -> bool:
 
 
 def exit_drafter(loaded, adapter_value, exit_layer: int | None, method: str,
-                 key: str = "method.exit_layer") -> tuple[DraftModel, dict, str]:
+                 key: str = "method.exit_layer") -> tuple[DraftModel, dict]:
     """The draft at one early exit of the target: its first layers (own KV cache), the adapter
     (``adapter_value``: auto, a run folder, a file; ``none``: the model's own final norm at
-    ``exit_layer``), and the target's head. Returns the drafter, its run_info entries and its
-    source name (the key of its measured cost table). Bad input is refused in one line."""
+    ``exit_layer``), and the target's head. Returns the drafter and its run_info entries.
+    Bad input is refused in one line."""
     model = loaded.model
     if not fast_llama.supports(model):
         raise UserError(f"method={method} needs a Llama-architecture model, not "
@@ -64,9 +64,7 @@ def exit_drafter(loaded, adapter_value, exit_layer: int | None, method: str,
     info["exit_layer"] = exit_layer
     draft_target = FastTarget(model, loaded.tokenizer, exit_layer=exit_layer, adapter=adapter)
     drafter = DraftModel(loaded, loaded.tokenizer, target=draft_target)
-    source = f"{loaded.source} (kangaroo exit {exit_layer}" + \
-        (", adapter)" if adapter is not None else ")")
-    return drafter, info, source
+    return drafter, info
 
 
 def draft_cost(target, draft_target) -> float | None:
@@ -105,10 +103,9 @@ class Kangaroo(SpeculativeMethod):
 
     def setup(self, target, loaded) -> None:
         super().setup(target, loaded)
-        self.drafter, self.info, self.draft_source = exit_drafter(
+        self.drafter, self.info = exit_drafter(
             loaded, self.adapter_value, self.exit_layer, self.name)
         self.eos = set(filter(None, [loaded.tokenizer.eos_token_id]))
-        self.loaded_source = loaded.source
 
     def snapshot(self):
         return None

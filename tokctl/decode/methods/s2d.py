@@ -62,23 +62,20 @@ class S2D(Kangaroo):
         super().__init__(adapter=None, threshold=thresholds[-1], max_tokens=max_tokens)
         self.exit_layers, self.thresholds, self.adapter_values = layers, thresholds, adapters
         self.drafters: list = []
-        self.sources: list[str] = []
         self._use = [0] * len(layers)  # draft tokens taken from each exit
         self._calls = [0] * len(layers)  # forwards (syncs) of each exit
 
     def setup(self, target, loaded) -> None:
         super(Kangaroo, self).setup(target, loaded)
-        self.drafters, infos, self.sources = [], [], []
+        self.drafters, infos = [], []
         for layer, value in zip(self.exit_layers, self.adapter_values):
-            drafter, info, source = exit_drafter(loaded, value, layer, self.name,
-                                                 key="method.exit_layers")
+            drafter, info = exit_drafter(loaded, value, layer, self.name,
+                                         key="method.exit_layers")
             self.drafters.append(drafter)
             infos.append(info)
-            self.sources.append(source)
         self.drafter = self.drafters[-1]
         self.info = {"exits": infos}
         self.eos = set(filter(None, [loaded.tokenizer.eos_token_id]))
-        self.loaded_source = loaded.source
 
     def restore(self, snap) -> None:
         super().restore(snap)
