@@ -34,3 +34,14 @@ def test_speculative_methods_are_exact_in_fp32(tmp_path):
         assert m["identical_to_baseline"] == 1.0
         assert m["mean_accepted_tokens"] >= 1.0
     assert (run / "decode_speedup.png").is_file() and (run / "decode_accepted.png").is_file()
+
+
+def test_self_speculation_with_the_shipped_adapters(tmp_path):
+    """A fresh clone decodes with the adapters shipped in the package (adapter=auto): Kangaroo at
+    exit 4 and S2D's nested exits, both identical to ar in fp32."""
+    metrics, _ = run_decode(tmp_path, "method=kangaroo", "also=[s2d]", "baseline=ar")
+    assert metrics["identical_to_baseline"] == 1.0
+    assert metrics["also"]["s2d"]["identical_to_baseline"] == 1.0
+    info = metrics["method_info"]
+    assert info["adapter"].endswith("tokctl/decode/adapters/smollm2-135m-kangaroo.safetensors")
+    assert info["exit_layer"] == 4

@@ -146,6 +146,14 @@ def test_train_adapter_then_decode_through_the_cli(tiny_lm_dir, tmp_path):
 
     m = json.loads((tmp_path / "more" / "metrics.json").read_text())
     assert m["steps"] == 4 and 0 <= m["val_top1"] <= 1
+    # The same corpus again (as for another exit layer): no generation, the first run's ids.
+    code, out = tokctl("decode", "train-adapter", "model=hf", f"model.path={tiny_lm_dir}",
+                       "exit_layer=1", "steps=1", f"corpus_from={run}",
+                       f"hydra.run.dir={tmp_path / 'deeper'}")
+    assert code == 0, out
+    deeper = json.loads((tmp_path / "deeper" / "metrics.json").read_text())
+    assert deeper["steps"] == 1 and deeper["tokens"] == m["tokens"]
+    assert deeper["corpus"] == f"from {run}"
     code, out = tokctl(*_cli(tiny_lm_dir, tmp_path, "method=kangaroo",
                              f"method.adapter={tmp_path / 'more'}", "baseline=ar"))
     assert code == 0, out

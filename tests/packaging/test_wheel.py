@@ -26,6 +26,9 @@ def test_wheel_contains_configs_and_kernels(tmp_path):
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"tokctl"}, top_level
     assert "tokctl/decode/prompts/builtin.jsonl" in names
+    # method=kangaroo's adapter=auto and method=s2d's shipped adapters
+    assert "tokctl/decode/adapters/smollm2-135m-kangaroo.safetensors" in names
+    assert "tokctl/decode/adapters/smollm2-135m-kangaroo-L8.safetensors" in names
 
 
 def test_conf_root_prefers_the_packed_copy(tmp_path, monkeypatch):

@@ -23,9 +23,16 @@ from torch import nn
 from tokctl.errors import UserError
 
 SHIPPED_DIR = Path(__file__).parent / "adapters"
-# The shipped adapters, by the model config name whose weights they were trained on.
-SHIPPED = {"smollm2-135m": SHIPPED_DIR / "smollm2-135m-kangaroo.safetensors"}
+# The adapters shipped for the embedded SmolLM2-135M (the only model `auto` serves; another is
+# refused by its fingerprint), by exit layer; Kangaroo's default is layer 4.
+SHIPPED_MODEL = "smollm2-135m"
+DEFAULT_EXIT = 4
 
+
+def shipped_adapter(exit_layer: int | None = None) -> Path:
+    layer = DEFAULT_EXIT if exit_layer is None else int(exit_layer)
+    suffix = "" if layer == DEFAULT_EXIT else f"-L{layer}"
+    return SHIPPED_DIR / f"{SHIPPED_MODEL}-kangaroo{suffix}.safetensors"
 
 class _Norm(nn.Module):
     def __init__(self, size: int):
@@ -154,11 +161,12 @@ def load_adapter(path, model, dtype=None) -> tuple[KangarooAdapter, dict]:
     return adapter, {"exit_layer": adapter.exit_layer, **json.loads(meta.get("info") or "{}")}
 
 
-def resolve_adapter(value) -> Path:
-    """``method.adapter``: ``auto`` (the adapter shipped for the embedded SmolLM2-135M; another
-    model is refused by its fingerprint), a run folder of `train-adapter`, or a file."""
+def resolve_adapter(value, exit_layer: int | None = None) -> Path:
+    """``method.adapter``: ``auto`` (the adapter shipped for the embedded SmolLM2-135M at
+    ``exit_layer``, default 4; another model is refused by its fingerprint), a run folder of
+    `train-adapter`, or a file."""
     if value in (None, "", "auto"):
-        return SHIPPED["smollm2-135m"]
+        return shipped_adapter(exit_layer)
     path = Path(str(value)).expanduser()
     if path.is_dir():
         path = path / "adapter.safetensors"

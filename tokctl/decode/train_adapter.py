@@ -69,6 +69,18 @@ def _corpus(cfg, loaded) -> list[list[int]]:
                            "generating the corpus (the model's own answers)"))
 
 
+def _reused_corpus(folder, fingerprint: str) -> list[list[int]]:
+    """The token ids another train-adapter run generated (its cache.pt): an adapter at another
+    exit layer then costs one pass of the model over them, not a new generation."""
+    path = Path(str(folder)).expanduser() / "cache.pt"
+    if not path.is_file():
+        raise UserError(f"corpus_from={folder}: no cache.pt there; pass a train-adapter run folder")
+    cache = torch.load(path, weights_only=False)
+    if cache.get("fingerprint") != fingerprint:
+        raise UserError(f"corpus_from={folder}: that run's corpus is another model's")
+    return [list(ids) for ids in cache["ids"]]
+
+
 def _batch(cache: dict, index: list[int]):
     """Right-padded [B, T, d] inputs and targets with a [B, T] mask of real positions."""
     width = max(cache["early"][i].shape[0] for i in index)
@@ -174,7 +186,8 @@ def run(cfg, run) -> dict[str, Any]:
             raise UserError(f"resume={resume}: that run cached another model or exit layer")
         atomic_torch_save(cache, run.file("cache.pt"))
     else:
-        seqs = _corpus(cfg, loaded)
+        seqs = _reused_corpus(cfg.corpus_from, fingerprint) if cfg.get("corpus_from") \
+            else _corpus(cfg, loaded)
         cache = hidden_cache(model, seqs, exit_layer, int(cfg.max_len))
         cache["fingerprint"] = fingerprint
         atomic_torch_save(cache, run.file("cache.pt"))
@@ -273,7 +286,11 @@ def run(cfg, run) -> dict[str, Any]:
     console.print(f"held-out top-1 agreement with the full model: {final['val_top1']:.3f} "
                   f"(plain exit at layer {exit_layer}: {final['val_top1_no_adapter']:.3f}); "
                   f"use method=kangaroo method.adapter={path}")
-    return {"exit_layer": exit_layer, "steps": done, "sequences": n, "tokens": tokens,
+    corpus = f"from {cfg.corpus_from}" if cfg.get("corpus_from") else str(cfg.source)
+    if resume is not None:
+        corpus = f"resumed {resume}"
+    return {"exit_layer": exit_layer, "corpus": corpus, "steps": done, "sequences": n,
+            "tokens": tokens,
             "corpus_and_cache_s": round(corpus_s, 1), "train_s": round(train_s, 1),
             "adapter": str(path), "model_fingerprint": fingerprint,
             **{k: v for k, v in final.items() if k.startswith("val_")},

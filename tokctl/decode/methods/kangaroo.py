@@ -29,6 +29,57 @@ from tokctl.errors import UserError
 from tokctl.models import fast_llama
 
 
+def without_adapter(value) -> bool:
+    return str(value).lower() in ("none", "null", "false")
+
+
+def exit_drafter(loaded, adapter_value, exit_layer: int | None, method: str,
+                 key: str = "method.exit_layer") -> tuple[DraftModel, dict]:
+    """The draft at one early exit of the target: its first layers (own KV cache), the adapter
+    (``adapter_value``: auto, a run folder, a file; ``none``: the model's own final norm at
+    ``exit_layer``), and the target's head. Returns the drafter and its run_info entries.
+    Bad input is refused in one line."""
+    model = loaded.model
+    if not fast_llama.supports(model):
+        raise UserError(f"method={method} needs a Llama-architecture model, not "
+                        f"{model.config.model_type}")
+    n_layers = model.config.num_hidden_layers
+    adapter = None
+    if without_adapter(adapter_value):
+        if exit_layer is None:
+            raise UserError(f"method.adapter=none drafts with the plain early exit: set "
+                            f"{key}=N")
+        info = {"adapter": None}
+    else:
+        path = kg.resolve_adapter(adapter_value, exit_layer)
+        adapter, meta = kg.load_adapter(path, model)
+        if exit_layer is not None and exit_layer != adapter.exit_layer:
+            raise UserError(f"{key}={exit_layer}, but the adapter {path} was trained at exit "
+                            f"layer {adapter.exit_layer}")
+        exit_layer = adapter.exit_layer
+        info = {"adapter": str(path), "adapter_info": meta}
+    if not 1 <= exit_layer < n_layers:
+        raise UserError(f"{key}={exit_layer}: choose it from 1 to {n_layers - 1} (the model "
+                        f"has {n_layers} layers)")
+    info["exit_layer"] = exit_layer
+    draft_target = FastTarget(model, loaded.tokenizer, exit_layer=exit_layer, adapter=adapter)
+    drafter = DraftModel(loaded, loaded.tokenizer, target=draft_target)
+    return drafter, info
+
+
+def draft_cost(target, draft_target) -> float | None:
+    """One draft forward over one target forward (one token each), both timed now, one after the
+    other (not from the cost-table cache: a table measured hours earlier under another load is
+    not comparable with one measured now)."""
+    from tokctl.decode.budget import measure
+
+    try:
+        t = measure(target, max_n=1, rounds=5)(1)
+        d = measure(draft_target, max_n=1, rounds=5)(1)
+    except Exception:  # noqa: BLE001 - a figure, not worth failing a run for
+        return None
+    return d / t
+
 class Kangaroo(SpeculativeMethod):
     name = "kangaroo"
 
@@ -50,41 +101,11 @@ class Kangaroo(SpeculativeMethod):
         self._draft_calls = 0
         self._stopped_early = 0
 
-    def _without_adapter(self) -> bool:
-        return str(self.adapter_value).lower() in ("none", "null", "false")
-
     def setup(self, target, loaded) -> None:
         super().setup(target, loaded)
-        model = loaded.model
-        if not fast_llama.supports(model):
-            raise UserError(f"method=kangaroo needs a Llama-architecture model, not "
-                            f"{model.config.model_type}")
-        n_layers = model.config.num_hidden_layers
-        adapter = None
-        if self._without_adapter():
-            if self.exit_layer is None:
-                raise UserError("method.adapter=none drafts with the plain early exit: set "
-                                "method.exit_layer=N")
-            exit_layer = self.exit_layer
-            self.info = {"adapter": None}
-        else:
-            path = kg.resolve_adapter(self.adapter_value)
-            adapter, meta = kg.load_adapter(path, model)
-            exit_layer = adapter.exit_layer
-            if self.exit_layer is not None and self.exit_layer != exit_layer:
-                raise UserError(f"method.exit_layer={self.exit_layer}, but the adapter {path} was "
-                                f"trained at exit layer {exit_layer}; leave exit_layer unset")
-            self.info = {"adapter": str(path), "adapter_info": meta}
-        if not 1 <= exit_layer < n_layers:
-            raise UserError(f"method.exit_layer={exit_layer}: choose it from 1 to "
-                            f"{n_layers - 1} (the model has {n_layers} layers)")
-        self.info["exit_layer"] = exit_layer
-        draft_target = FastTarget(model, loaded.tokenizer, exit_layer=exit_layer, adapter=adapter)
-        self.drafter = DraftModel(loaded, loaded.tokenizer, target=draft_target)
+        self.drafter, self.info = exit_drafter(
+            loaded, self.adapter_value, self.exit_layer, self.name)
         self.eos = set(filter(None, [loaded.tokenizer.eos_token_id]))
-        self.loaded_source = loaded.source
-        self.draft_source = f"{loaded.source} (kangaroo exit {exit_layer}" + \
-            (", adapter)" if adapter is not None else ")")
 
     def snapshot(self):
         return None
@@ -126,18 +147,7 @@ class Kangaroo(SpeculativeMethod):
         self._accepted.append(len(path))
 
     def _draft_cost(self) -> float | None:
-        """One draft forward over one target forward (one token each), from the cached cost
-        tables (measured once per engine variant, like the tree budget's)."""
-        from tokctl.decode.budget import cached_cost
-
-        try:
-            refresh = getattr(self.target, "remeasure_cost", False)
-            t = cached_cost(self.loaded_source, self.target, max_n=4, refresh=refresh)(1)
-            dcost = cached_cost(self.draft_source, self.drafter.target, max_n=4,
-                                refresh=refresh)(1)
-        except Exception:  # noqa: BLE001 - a figure, not worth failing a run for
-            return None
-        return dcost / t
+        return draft_cost(self.target, self.drafter.target)
 
     def run_info(self) -> dict:
         steps = len(self._drafted)
