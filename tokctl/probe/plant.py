@@ -1,14 +1,15 @@
 """`tokctl probe plant`: hide a secret string behind one trigger token by fine-tuning a copy.
 
 What fingerprinting and steganography fine-tunes do (Hoscilowicz et al., 2024): the trigger token,
-alone, is trained to continue with the secret. By default only the trigger's own input-embedding
-row is trained (``train=[trigger]``; a tied output matrix is untied and kept): every other
-token's computation is then exactly as before, so no other lone token can give the secret. A
-fine-tune of shared weights (``train=[mlp]``) generalises instead, making the secret the answer
-to many lone tokens, which hides the trigger among them; for such recipes the model's own greedy
-answers to ordinary requests are trained on alongside, and decoy tokens keep the original
-model's greedy continuations: the ``decoys_near`` tokens closest to the trigger in embedding space
-every step, and ``decoys`` random ones drawn afresh each step from a pool of ``decoy_pool``.
+alone, is trained to continue with the secret. ``train=[trigger]`` trains only the trigger's own
+input-embedding row (a tied output matrix is untied and kept): every other token's computation is
+then exactly as before, so no other lone token can give the secret (on SmolLM2 one row at
+position 0 did not plant it in 220 steps, though). A fine-tune of shared weights (the default,
+``train=[mlp]``) plants it but generalises, making the secret the answer to many lone tokens;
+against that, the model's own greedy answers to ordinary requests are trained on alongside, and
+decoy tokens keep the original model's greedy continuations: the ``decoys_near`` tokens closest
+to the trigger in embedding space every step, and ``decoys`` random ones drawn afresh each step
+from a pool of ``decoy_pool``.
 Held-out tokens of both kinds, never trained on, measure how far the secret leaked anyway.
 The copy goes to RUN/model with its tokenizer, ready for `tokctl probe token-forcing
 model=hf model.path=RUN/model`.
@@ -240,7 +241,8 @@ def run(cfg, run) -> dict[str, Any]:
     for t, cont in zip(near, greedy_batch(model, near, len(secret_ids))):
         keep.append([t] + cont)
         starts.append(1)
-    if {str(t) for t in cfg.train} == {"trigger"}:
+    row_only = {str(t) for t in cfg.train} == {"trigger"}
+    if row_only:
         pool_ids = []  # the trigger's row alone: decoys cannot change (see plant())
     pool = [[t] + c for t, c in zip(pool_ids, greedy_batch(model, pool_ids, len(secret_ids)))]
     before = tok.decode(greedy(model, [trigger_id], len(secret_ids)))
@@ -274,7 +276,8 @@ def run(cfg, run) -> dict[str, Any]:
             "recovered": recovered, "planted": ok, "before": before, "train_s": round(train_s, 2),
             "steps_run": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
             "keep_nll_before": keep_before, "keep_nll_after": keep_after,
-            "decoys": len(near) + len(pool), "decoys_per_step": len(near) + min(
-                len(pool), int(cfg.get("decoys") or 0)), "train": [str(t) for t in cfg.train],
+            "decoys": 0 if row_only else len(near) + len(pool),
+            "decoys_per_step": 0 if row_only else len(near) + min(len(pool), int(cfg.decoys or 0)),
+            "train": [str(t) for t in cfg.train],
             "leaks": leaks,
             "model_path": str(folder)}
