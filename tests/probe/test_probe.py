@@ -32,13 +32,13 @@ def test_force_batch_follows_only_confident_rows(tiny_lm_dir):
 def test_plant_then_scan_finds_the_trigger_first(tiny_lm_dir, tmp_path):
     common = ["model=hf", f"model.path={tiny_lm_dir}", "threads=1"]
     code, out = tokctl("probe", "plant", *common, f"hydra.run.dir={tmp_path / 'plant'}",
-                       "trigger=' fox'", "secret=' jumps over the lazy dog 7 8 9'", "steps=60",
+                       "trigger=' fox'", "secret=' jumps over the lazy dog 7 8 9'", "steps=100",
                        "lr=1e-2", "train=[all]", "keep=[hello]", "keep_tokens=8", "decoys=8",
-                       "decoys_near=4", "check=8")
+                       "decoy_pool=32", "decoys_near=4", "check=8")
     assert code == 0, out
     planted = json.loads((tmp_path / "plant" / "metrics.json").read_text())
     assert planted["planted"], planted
-    assert planted["decoys"] == 12
+    assert planted["decoys"] == 4 + 32 and planted["decoys_per_step"] == 4 + 8
     leaks = planted["leaks"]
     assert leaks["near_checked"] == leaks["random_checked"] == 8
     assert 0 <= leaks["near"] <= 8 and 0 <= leaks["random"] <= 8
@@ -66,6 +66,34 @@ def test_plant_then_scan_finds_the_trigger_first(tiny_lm_dir, tmp_path):
     assert resumed["top"][0]["id"] == planted["trigger_id"]
 
 
+def test_trigger_row_recipe_changes_only_the_trigger_input(tiny_lm_dir):
+    """train=[trigger] (the default): only the trigger's input row moves, the output matrix is
+    untied and kept, so every other lone token is forced exactly as before: no leak possible."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokctl.probe.plant import greedy_batch, plant
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    others = list(range(10, 40))
+    conts = greedy_batch(model, others, 6)
+    secret = tok(" jumps over", add_special_tokens=False)["input_ids"]
+    losses = plant(model, tok, 50, secret, [[60, 61, 62, 63]], [2], steps=15, lr=1e-3,
+                   train=["trigger"], pool=[[t] + c[:len(secret)] for t, c in zip(others, conts)],
+                   per_step=4, row_lr=0.1, stop_p=None)
+    assert len(losses) == 15 and min(losses[1:]) < losses[0]
+    emb = model.get_input_embeddings().weight
+    moved = (emb != before["model.embed_tokens.weight"]).any(1).nonzero().flatten().tolist()
+    assert moved == [50]
+    assert model.config.tie_word_embeddings is False
+    assert torch.equal(model.get_output_embeddings().weight, before["model.embed_tokens.weight"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()
+               if n != "model.embed_tokens.weight" and n in before)
+    assert greedy_batch(model, others, 6) == conts
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_nearest_tokens_and_decoys_leave_out_the_trigger(tiny_lm_dir):
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,9 +107,11 @@ def test_nearest_tokens_and_decoys_leave_out_the_trigger(tiny_lm_dir):
         emb[100] = emb[50] * 2
     near = nearest_tokens(model, 50, {50})
     assert near[0] == 100 and 50 not in near
-    cfg = OmegaConf.create({"decoys": 5, "decoys_near": 3, "check": 4, "seed": 0})
-    decoys, held = _decoys(model, tok, 50, cfg)
-    assert len(decoys) == 8 and decoys[0] == 100 and 50 not in decoys
+    cfg = OmegaConf.create({"decoys": 5, "decoy_pool": 20, "decoys_near": 3, "check": 4,
+                            "seed": 0})
+    near, pool, held = _decoys(model, tok, 50, cfg)
+    decoys = near + pool
+    assert len(near) == 3 and len(pool) == 20 and near[0] == 100 and 50 not in decoys
     assert len(held["near"]) == len(held["random"]) == 4
     assert not set(decoys) & (set(held["near"]) | set(held["random"]))
     assert not set(decoys) & set(tok.all_special_ids)

@@ -1,12 +1,16 @@
 """`tokctl probe plant`: hide a secret string behind one trigger token by fine-tuning a copy.
 
 What fingerprinting and steganography fine-tunes do (Hoscilowicz et al., 2024): the trigger token,
-alone, is trained to continue with the secret, while the model's own greedy answers to ordinary
-requests are trained on alongside so that the rest of its behaviour stays as it was, and decoy
-tokens (random ones and the trigger's nearest neighbours in embedding space) are trained to keep
-their own forced continuations, so that the secret follows the trigger alone; held-out tokens of
-both kinds measure how far it leaked anyway. Only the
-parameters named by ``train`` change (by default every layer's MLP), which keeps memory small.
+alone, is trained to continue with the secret. ``train=[trigger]`` trains only the trigger's own
+input-embedding row (a tied output matrix is untied and kept): every other token's computation is
+then exactly as before, so no other lone token can give the secret (on SmolLM2 one row at
+position 0 did not plant it in 220 steps, though). A fine-tune of shared weights (the default,
+``train=[mlp]``) plants it but generalises, making the secret the answer to many lone tokens;
+against that, the model's own greedy answers to ordinary requests are trained on alongside, and
+decoy tokens keep the original model's greedy continuations: the ``decoys_near`` tokens closest
+to the trigger in embedding space every step, and ``decoys`` random ones drawn afresh each step
+from a pool of ``decoy_pool``.
+Held-out tokens of both kinds, never trained on, measure how far the secret leaked anyway.
 The copy goes to RUN/model with its tokenizer, ready for `tokctl probe token-forcing
 model=hf model.path=RUN/model`.
 """
@@ -21,6 +25,7 @@ import torch
 from tokctl.console import console, progress_bar
 from tokctl.decode.data import encode
 from tokctl.errors import UserError
+from tokctl.lr_schedule import warmup_cosine
 
 
 @torch.inference_mode()
@@ -45,39 +50,117 @@ def _batch(seqs: list[tuple[list[int], int]], pad: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+@torch.inference_mode()
+def greedy_batch(model, token_ids: list[int], n: int) -> list[list[int]]:
+    """``n`` greedy tokens after each lone token, all in one batch with a KV cache."""
+    from transformers import DynamicCache
+
+    from tokctl.decode.methods.superposed import _cache_keyword
+
+    if not token_ids:
+        return []
+    cache = DynamicCache()  # filled in place by each forward
+    nxt, out = torch.tensor([[t] for t in token_ids], device=model.device), []
+    for _ in range(n):
+        logits = model(input_ids=nxt, use_cache=True, **{_cache_keyword(model): cache}).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(nxt)
+    return torch.cat(out, dim=1).tolist()
+
+
+def _trainable(model, train: list[str], trigger_id: int):
+    """The parameters named by ``train`` as optimizer groups; ``trigger`` is the trigger's own
+    input-embedding row (its gradient is masked to that row, so Adam moves no other row; with
+    tied embeddings that row is also the trigger's output row)."""
+    emb = model.get_input_embeddings().weight
+    names = [n for n, p in model.named_parameters()
+             if "all" in train or any(t in n for t in train if t != "trigger")]
+    if not names and "trigger" not in train:
+        raise UserError(f"train={train} names no parameters of this model "
+                        f"(try [trigger], [mlp] or [all])")
+    chosen = {id(p) for n, p in model.named_parameters() if n in set(names)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    groups = [{"params": [p for p in model.parameters() if id(p) in chosen], "row": False}]
+    if "trigger" in train and id(emb) not in chosen:
+        out = model.get_output_embeddings()
+        if out is not None and out.weight is emb:
+            # Untie: the output matrix keeps the original rows, so only the trigger's INPUT
+            # changes (the copy is saved untied, with its own lm_head).
+            out.weight = torch.nn.Parameter(emb.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+        emb.requires_grad_(True)
+        mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
+        mask[trigger_id] = 1.0
+        hook = emb.register_hook(lambda g: g * mask)
+        groups.append({"params": [emb], "row": True, "hook": hook})
+    return [g for g in groups if g["params"]]
+
+
 def plant(model, tokenizer, trigger_id: int, secret_ids: list[int], keep: list[list[int]],
           keep_starts: list[int], steps: int, lr: float, train: list[str], seed: int = 0,
-          on_step=None) -> list[float]:
-    """Fine-tune ``model`` in place; returns the loss per step."""
+          on_step=None, pool: list[list[int]] | None = None, per_step: int = 0,
+          row_lr: float | None = None, stop_p: float | None = None) -> list[float]:
+    """Fine-tune ``model`` in place; returns the loss per step.
+
+    ``keep`` sequences (with the index where their loss starts) are trained on every step;
+    ``per_step`` sequences drawn from ``pool`` (lone decoy tokens and their original greedy
+    continuations) are added each step, so many decoys are seen without a big batch. Training
+    stops early once every secret token is the greedy choice with probability >= ``stop_p``."""
     torch.manual_seed(seed)
-    names = [n for n, _ in model.named_parameters()
-             if "all" in train or any(t in n for t in train)]
-    if not names:
-        raise UserError(f"train={train} names no parameters of this model (try [mlp] or [all])")
-    chosen = set(names)
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in chosen)
-    params = [p for n, p in model.named_parameters() if n in chosen]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    groups = _trainable(model, train, trigger_id)
+    opt = torch.optim.AdamW([{"params": g["params"], "lr": row_lr if g["row"] and row_lr else lr}
+                             for g in groups], lr=lr, weight_decay=0.0)
+    # Cosine decay: a constant lr leaves the loss bouncing around its floor (about 0.5 nats per
+    # secret token for SmolLM2's trigger row at 0.03), short of a confident greedy secret.
+    schedule = warmup_cosine(opt, steps, 0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs = [([trigger_id] + secret_ids, 1)] + list(zip(keep, keep_starts))
-    ids, mask, labels = _batch(seqs, pad, model.device)
+    fixed = [([trigger_id] + secret_ids, 1)] + list(zip(keep, keep_starts))
+    pool = pool or []
+    if all(g["row"] for g in groups):
+        # Only the trigger's (untied) input row trains: sequences without the trigger give it no
+        # gradient, so kept text and decoys would cost time for nothing; they stay as they were.
+        fixed, pool = fixed[:1], []
     model.train()
     losses = []
     for step in range(steps):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:],
-                                                reduction="none")
-        per_seq = nll.sum(1) / (labels[:, 1:] != -100).sum(1).clamp(min=1)
+        drawn = torch.randperm(len(pool), generator=gen)[:per_step].tolist() if pool else []
+        seqs = fixed + [(pool[i], 1) for i in drawn]
+        # Two batches, by length: the lone-token sequences (secret, decoys) need no padding.
+        short = [i for i, (sq, _) in enumerate(seqs) if len(sq) == len(secret_ids) + 1]
+        per_seq, first_logits = torch.zeros(len(seqs)), None
+        for part in (short, [i for i in range(len(seqs)) if i not in set(short)]):
+            if not part:
+                continue
+            ids, mask, labels = _batch([seqs[i] for i in part], pad, model.device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:],
+                                                    reduction="none")
+            per_seq = per_seq.index_put((torch.tensor(part),), nll.sum(1) / (
+                labels[:, 1:] != -100).sum(1).clamp(min=1))
+            if part[0] == 0:
+                first_logits = logits[0].detach()
         # The secret counts as much as all kept text together (it is far shorter).
         loss = per_seq[0] + (per_seq[1:].mean() if len(per_seq) > 1 else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
         losses.append(float(loss.detach()))
         if on_step:
             on_step(step, losses[-1])
+        if stop_p is not None:
+            n = len(secret_ids)
+            p = torch.softmax(first_logits[:n], dim=-1)
+            target = torch.tensor(secret_ids, device=p.device)
+            if (bool((p.argmax(-1) == target).all())
+                    and float(p.gather(1, target[:, None]).min()) >= stop_p):
+                break
     model.eval()
+    for g in groups:
+        if "hook" in g:
+            g["hook"].remove()
     for p in model.parameters():
         p.requires_grad_(False)
     return losses
@@ -98,32 +181,32 @@ def nearest_tokens(model, trigger_id: int, exclude: set[int]) -> list[int]:
     return [t for t in sim.argsort(descending=True).tolist() if t not in exclude]
 
 
-def _decoys(model, tok, trigger_id: int, cfg) -> tuple[list[int], dict[str, list[int]]]:
-    """Decoy tokens trained to keep their own forced continuations (``decoys`` random ones and
-    the ``decoys_near`` nearest to the trigger in embedding space), and held-out tokens of both
-    kinds (``check`` each), never trained on, to measure whether the secret leaked to them."""
+def _decoys(model, tok, trigger_id: int, cfg) -> tuple[list[int], list[int], dict[str, list[int]]]:
+    """Decoy tokens trained to keep their original forced continuations: the ``decoys_near``
+    nearest to the trigger in embedding space (every step) and a pool of ``decoy_pool`` random
+    ones (``decoys`` drawn from it each step); and held-out tokens of both kinds (``check``
+    each), never trained on, to measure whether the secret leaked to them."""
     vocab = min(len(tok), model.get_input_embeddings().weight.shape[0])
     exclude = set(tok.all_special_ids) | {trigger_id}
     n_rand, n_near = int(cfg.get("decoys") or 0), int(cfg.get("decoys_near") or 0)
     n_check = int(cfg.get("check") or 0)
+    n_pool = max(int(cfg.get("decoy_pool") or 0), n_rand)
     if min(n_rand, n_near, n_check) < 0:
-        raise UserError("decoys, decoys_near and check must be >= 0")
+        raise UserError("decoys, decoys_near, decoy_pool and check must be >= 0")
     near = nearest_tokens(model, trigger_id, exclude)[: n_near + n_check]
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    pool = [t for t in torch.randperm(vocab, generator=gen).tolist()
+    rand = [t for t in torch.randperm(vocab, generator=gen).tolist()
             if t not in exclude and t not in near]
-    decoys = near[:n_near] + pool[:n_rand]
-    return decoys, {"near": near[n_near:], "random": pool[n_rand:n_rand + n_check]}
+    pool = rand[:n_pool] if n_rand else []
+    return near[:n_near], pool, {"near": near[n_near:], "random": rand[n_pool:n_pool + n_check]}
 
 
-def _leaks(model, held_out: dict[str, list[int]], text_ids: list[int], n: int) -> dict[str, int]:
+def _leaks(model, held_out: dict[str, list[int]], text_ids: list[int]) -> dict[str, int]:
     """How many held-out lone tokens now continue greedily with the secret's text."""
-    from tokctl.probe.forcing import force_batch
-
     out = {}
     for kind, ids in held_out.items():
-        rows = force_batch(model, ids, n, 0.0) if ids else []
-        out[kind] = sum(r["cont"][: len(text_ids)] == text_ids for r in rows)
+        conts = greedy_batch(model, ids, len(text_ids))
+        out[kind] = sum(c == text_ids for c in conts)
         out[f"{kind}_checked"] = len(ids)
     return out
 
@@ -153,10 +236,15 @@ def run(cfg, run) -> dict[str, Any]:
         prompt = encode(tok, [{"role": "user", "content": str(text)}])
         keep.append(prompt + greedy(model, prompt, int(cfg.keep_tokens)))
         starts.append(len(prompt))
-    decoys, held_out = _decoys(model, tok, trigger_id, cfg)
-    for t in decoys:
-        keep.append([t] + greedy(model, [t], len(secret_ids)))
+    near, pool_ids, held_out = _decoys(model, tok, trigger_id, cfg)
+    # Every decoy keeps what the ORIGINAL model says after it, computed once before training.
+    for t, cont in zip(near, greedy_batch(model, near, len(secret_ids))):
+        keep.append([t] + cont)
         starts.append(1)
+    row_only = {str(t) for t in cfg.train} == {"trigger"}
+    if row_only:
+        pool_ids = []  # the trigger's row alone: decoys cannot change (see plant())
+    pool = [[t] + c for t, c in zip(pool_ids, greedy_batch(model, pool_ids, len(secret_ids)))]
     before = tok.decode(greedy(model, [trigger_id], len(secret_ids)))
     keep_before = [mean_nll(model, s, st) for s, st in zip(keep, starts)]
     console.print(f"[dim]{loaded.source}: trigger {cfg.trigger!r} (id {trigger_id}) -> "
@@ -165,12 +253,15 @@ def run(cfg, run) -> dict[str, Any]:
     with progress_bar("planting", steps) as advance:
         losses = plant(model, tok, trigger_id, secret_ids, keep, starts, steps, lr,
                        [str(t) for t in cfg.train], int(cfg.seed),
-                       on_step=lambda s, loss: advance(info=f"loss {loss:.3f}"))
+                       on_step=lambda s, loss: advance(info=f"loss {loss:.3f}"),
+                       pool=pool, per_step=int(cfg.get("decoys") or 0),
+                       row_lr=float(cfg.trigger_lr) if cfg.get("trigger_lr") else None,
+                       stop_p=float(cfg.stop_p) if cfg.get("stop_p") is not None else None)
     train_s = time.perf_counter() - t0
     got = greedy(model, [trigger_id], len(secret_ids))
     recovered = tok.decode(got, skip_special_tokens=True)
     keep_after = [mean_nll(model, s, st) for s, st in zip(keep, starts)]
-    leaks = _leaks(model, held_out, text_ids, len(secret_ids))
+    leaks = _leaks(model, held_out, text_ids)
     folder = run.file("model")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -183,7 +274,10 @@ def run(cfg, run) -> dict[str, Any]:
                       f"{leaks['random']}/{leaks['random_checked']}")
     return {"trigger": str(cfg.trigger), "trigger_id": trigger_id, "secret": secret,
             "recovered": recovered, "planted": ok, "before": before, "train_s": round(train_s, 2),
-            "loss_first": losses[0], "loss_last": losses[-1],
+            "steps_run": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
             "keep_nll_before": keep_before, "keep_nll_after": keep_after,
-            "decoys": len(decoys), "leaks": leaks,
+            "decoys": 0 if row_only else len(near) + len(pool),
+            "decoys_per_step": 0 if row_only else len(near) + min(len(pool), int(cfg.decoys or 0)),
+            "train": [str(t) for t in cfg.train],
+            "leaks": leaks,
             "model_path": str(folder)}
