@@ -120,8 +120,9 @@ def tree_attention_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     depth d sits at a later slot than the same token does in `ar`'s cache, with masked slots in
     between; bf16 and fp32 kernels group a reduction by slot (vector lanes, paired bf16 products),
     so the same keys summed from other slots round differently. In float64 the order's effect
-    (~1e-16) is far below a bf16 or fp32 rounding step: a row's result no longer depends on where
-    its keys sit, how many slots the window holds, or how many rows run beside it."""
+    (~1e-16 relative) is far below a bf16 or fp32 rounding step: a row's result no longer depends
+    on where its keys sit, how many slots the window holds, or how many rows run beside it, unless
+    a value lands within that distance of a rounding edge."""
     if _is_causal_square(allowed):
         return tree_attention_ref(q, k, v, allowed)  # a prefill: `ar` and every method share it
     heads, n, dim = q.shape
