@@ -45,13 +45,17 @@ class Target:
     compiled = False
     exact = False
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, vocab_size: int | None = None,
+                 max_positions: int | None = None):
+        """``vocab_size``/``max_positions``: given for a model that is not a Hugging Face one
+        (read from its head and config otherwise)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
+        self.max_positions = max_positions or int(
+            getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.length = 0  # committed tokens
         self._pending = 0
         self.forward_calls = 0

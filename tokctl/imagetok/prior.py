@@ -82,6 +82,14 @@ class TokenPrior(nn.Module):
         return ce.mean(0) / np.log(2)
 
     @torch.no_grad()
+    def step_logits(self, prev: torch.Tensor, i: int, caches: list[list]) -> torch.Tensor:
+        """Logits (B, vocab) at position ``i`` given the ids (B, 1) just before it, extending the
+        blocks' key/value ``caches`` (one list per block, empty at the start)."""
+        x = self.embed(prev) + self.pos[i:i + 1]
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cache)
+        return self.head(self.norm(x))[:, 0]
+
     def coding_probabilities(self, tokens: np.ndarray | None, n: int,
                              decode_step=None) -> np.ndarray:
         """The probabilities the coder uses: (B, n, vocab) float64, computed one position at a
@@ -96,10 +104,7 @@ class TokenPrior(nn.Module):
         prev = torch.full((b, 1), model.vocab, dtype=torch.long)
         out = np.zeros((b, n, model.vocab), dtype=np.float64)
         for i in range(n):
-            x = model.embed(prev) + model.pos[i:i + 1]
-            for block, cache in zip(model.blocks, caches):
-                x = block(x, cache)
-            logits = model.head(model.norm(x))[:, 0]
+            logits = model.step_logits(prev, i, caches)
             logits = torch.round(logits * LOGIT_GRID) / LOGIT_GRID
             probs = torch.softmax(logits, -1).numpy()
             out[:, i] = probs

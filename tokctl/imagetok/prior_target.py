@@ -18,23 +18,17 @@ import torch
 
 from tokctl.decode.target import Target, tree_positions_and_mask
 from tokctl.imagetok.prior import TokenPrior
+from tokctl.kernels.tree_attention import allowed_mask
 
 
 class PriorTarget(Target):
     backend = "prior"
 
     def __init__(self, prior: TokenPrior, source: str = "prior"):
-        # Target.__init__ reads a Hugging Face model's config; the prior's facts are set here.
-        self.model, self.tokenizer, self.source = prior, None, source
-        self.device = next(prior.parameters()).device
-        self.dtype = next(prior.parameters()).dtype
-        self.vocab_size = prior.vocab
-        self.bos = prior.vocab
         # BOS + max_tokens - 1 inputs predict max_tokens ids; the last id is never an input.
-        self.max_positions = prior.max_tokens + 1
-        self.length = self._pending = self.forward_calls = 0
-        self.prefill_s = self.shared_prefill_s = 0.0
-        self.prompt, self.share_prefill, self._held = None, False, None
+        super().__init__(prior, None, vocab_size=prior.vocab, max_positions=prior.max_tokens + 1)
+        self.source = source
+        self.bos = prior.vocab
         self.caches: list[list] = []
 
     def _reset(self, capacity: int) -> None:
@@ -45,11 +39,10 @@ class PriorTarget(Target):
         m = self.model
         n = tokens.numel()
         if parents is None:
-            depth = torch.arange(n, device=self.device)
-            tree = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+            depth, tree = torch.arange(n, device=self.device), None
         else:
             depth, tree = tree_positions_and_mask(torch.tensor(parents, device=self.device))
-        mask = torch.cat([torch.ones(n, self.length, dtype=torch.bool, device=self.device), tree], 1)
+        mask = allowed_mask(self.length, tree, n, device=self.device)
         # Positions past the prior's length occur only in the verify-cost measurement's long
         # random sequences (budget.measure); the cost of a step does not depend on them.
         pos = (self.length + depth).clamp(max=m.max_tokens - 1)

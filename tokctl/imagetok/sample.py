@@ -57,10 +57,7 @@ def sample_batch(prior: TokenPrior, b: int, sampling, generator) -> torch.Tensor
     prev = torch.full((b, 1), prior.vocab, dtype=torch.long)
     out = torch.zeros(b, prior.max_tokens, dtype=torch.long)
     for i in range(prior.max_tokens):
-        x = prior.embed(prev) + prior.pos[i:i + 1]
-        for block, cache in zip(prior.blocks, caches):
-            x = block(x, cache)
-        p = probs(prior.head(prior.norm(x))[:, 0], sampling)
+        p = probs(prior.step_logits(prev, i, caches), sampling)
         out[:, i] = torch.multinomial(p, 1, generator=generator)[:, 0]
         prev = out[:, i:i + 1]
     return out
