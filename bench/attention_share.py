@@ -43,8 +43,8 @@ def main(argv=None) -> None:
         # values instead of a prefill (minutes at these lengths on a CPU).
         target.prefill([1, 2], capacity=n + 8)
         g = torch.Generator().manual_seed(0)
-        for t in (target.cache.keys, target.cache.values):
-            t[:, :, :n] = torch.randn(t[:, :, :n].shape, generator=g, dtype=t.dtype)
+        for t in target.cache.tensors():
+            t[:, :n] = torch.randn(t[:, :n].shape, generator=g, dtype=t.dtype)
         target.length = n
         ids = [1000]
         times = {"full": [], "stub": []}

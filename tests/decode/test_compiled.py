@@ -62,3 +62,24 @@ def test_compiled_steps_match_eager_without_breaks_or_recompiles(tiny):
     want = _decode(eager, prompt, 20, seed=1)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_step_freezes_weights_and_takes_the_cache_as_inputs(tiny):
+    """On the CPU the weights are frozen into the graph (what lets Inductor prepack them), and
+    each layer's cache is a whole graph input of its own (what lets Inductor write it in place:
+    a write into a view of one stacked cache became a copy of the whole stack, per layer)."""
+    seen = []
+
+    def recording_backend(gm, example_inputs):
+        seen.append([t for t in example_inputs if torch.is_tensor(t)])
+        return gm.forward
+
+    torch._dynamo.reset()
+    target = FastTarget(tiny, None, compile=True, compile_backend=recording_backend)
+    target.prefill(list(range(3, 20)))
+    target.forward([5, 6], [-1, 0])
+    assert seen, "the step was not compiled"
+    inputs = {t.data_ptr() for t in seen[-1]}
+    weights = {p.data_ptr() for p in target.fast.parameters()}
+    assert not inputs & weights, "weights reached the graph as inputs: not frozen"
+    assert {t.data_ptr() for t in target.cache.tensors()} <= inputs

@@ -172,25 +172,39 @@ def _configure_dynamo() -> None:
         dc.accumulated_recompile_limit = max(dc.accumulated_recompile_limit, 512)
 
 
-def compile_step(step, device: torch.device, freeze: bool = True, backend: str = "inductor"):
-    """``torch.compile`` of the lean step, whole (``fullgraph``) with static shapes: Inductor on
-    the CPU (with weight freezing, which lets it prepack the linear layers' weights once instead
-    of every call), CUDA graphs on a GPU (``reduce-overhead``)."""
+def compile_step(step, device: torch.device, freeze: bool = True, backend="inductor",
+                 dynamic: bool = False):
+    """``torch.compile`` of the lean step, whole (``fullgraph``): Inductor on the CPU, with
+    ``dynamic`` shapes if asked; CUDA graphs on a GPU (``reduce-overhead``, static shapes, which
+    CUDA graphs replay). On the CPU with ``freeze``, the weights
+    are frozen into the graph as constants (Inductor then prepacks every linear layer for oneDNN
+    once, bf16 through AMX, instead of reading plain weights in every call)."""
     _configure_dynamo()
-    if backend != "inductor":
-        return torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
     if device.type == "cuda":
-        return torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
-    # Freezing for this compile only: set globally it would also freeze HF generate's compiled
-    # static cache (a module buffer) into a constant, which then indexes out of bounds.
-    return torch.compile(step, fullgraph=True, dynamic=False,
-                         options={"freezing": True} if freeze else None)
+        mode = {"mode": "reduce-overhead"} if backend == "inductor" else {"backend": backend}
+        return torch.compile(step, fullgraph=True, dynamic=False, **mode)
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic, backend=backend)
+    if not freeze:
+        return compiled
+    import torch._inductor.config as inductor_config
+
+    def frozen(*args, **kwargs):
+        # Dynamo reads the freezing flag while it traces (it then keeps the parameters out of the
+        # graph's inputs), so it is set around the call: torch.compile's options reach Inductor
+        # only. Set for these calls alone: set globally it would also freeze HF generate's
+        # compiled static cache (a buffer) into a constant.
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return frozen
 
 
 class FastTarget(Target):
     """The lean forward over a fixed-capacity cache. ``compile``: steps run through
-    ``torch.compile`` with blocks padded to :data:`fast_llama.BUCKETS` and attention over the whole
-    capacity (a few fixed shapes). ``exact``: a row's result cannot depend on how many rows run
+    ``torch.compile``. On a CPU the compiled step takes any block size and attention window
+    (dynamic shapes: one graph for a single token, one for every larger block). On a GPU, where a
+    CUDA graph replays one fixed shape, blocks are padded to :data:`fast_llama.BUCKETS` and attend
+    over the whole capacity (a few fixed shapes). ``exact``: a row's result cannot depend on how many rows run
     beside it or where its tree puts its ancestors (batch invariance): attention runs in float64
     (:func:`tree_attention_exact`), and every block, a one-token ``ar`` step included, is padded
     to one size (``exact_block``) unless the weights are prepacked (bf16 matmul kernels round
@@ -210,6 +224,14 @@ class FastTarget(Target):
                                          adapter=adapter)
         self.cache = self.fast.new_cache(1024)
         self.compiled = bool(compile)
+        self.static_shapes = self.compiled and self.device.type == "cuda"
+        # Inductor packs a frozen weight for the row count its graph is compiled for: the
+        # one-token graph (dynamic shapes specialise size 1) gets oneDNN's one-row bf16 kernel,
+        # which on a CPU reads weights at a third of the rate of the multi-row (AMX) kernel the
+        # dynamic graph gets (SmolLM2, 2 threads: 50 ms a one-token step against 39 ms for two
+        # rows). So compiled bf16 steps on a CPU take at least two rows, the second thrown away.
+        self.min_rows = (2 if self.compiled and not self.static_shapes
+                         and self.dtype == torch.bfloat16 else 1)
         self.max_block = None  # the most tokens one step may take and keep its shape
         # Prepacked bf16 linears compute a row the same whatever rows run with it, so exact steps
         # need no padded rows there: attention in float64 does the rest.
@@ -218,20 +240,21 @@ class FastTarget(Target):
             self.buckets = (int(exact_block),)
             self.max_block = int(exact_block)
         else:
-            self.buckets = fast_llama.BUCKETS if self.compiled else None
-        self._step = (compile_step(self.fast.step, self.device, backend=compile_backend)
+            self.buckets = fast_llama.BUCKETS if self.static_shapes else None
+        self._step = (compile_step(self.fast.step, self.device, backend=compile_backend,
+                                   dynamic=not self.static_shapes)
                       if self.compiled else self.fast.step)
         self._mark_cache()
 
     def _mark_cache(self) -> None:
         if self.compiled and self.device.type == "cuda":
             # CUDA graphs replay on fixed addresses: the cache is mutated in place, never moved.
-            torch._dynamo.mark_static_address(self.cache.keys)
-            torch._dynamo.mark_static_address(self.cache.values)
+            for t in self.cache.tensors():
+                torch._dynamo.mark_static_address(t)
 
     def _need(self, capacity: int) -> int:
         # Room for the largest padded block after the last committed token.
-        return capacity + (self.buckets[-1] if self.buckets else 0)
+        return capacity + (self.buckets[-1] if self.buckets else self.min_rows - 1)
 
     def _room(self, capacity: int) -> bool:
         return self._need(capacity) <= self.cache.capacity
@@ -249,24 +272,24 @@ class FastTarget(Target):
         if parents is None:
             parents = list(range(-1, n - 1))
         prefill = self.length == 0
-        if self.buckets is None or prefill or (n > self.buckets[-1]
-                                                and parents != list(range(-1, n - 1))):
+        chunk = self.buckets[-1] if self.buckets else fast_llama.BUCKETS[-1]
+        if (self.buckets is None and not self.compiled) or prefill or (
+                n > chunk and parents != list(range(-1, n - 1))):
             # A prefill runs eagerly even when steps are compiled or padded: prompts come in every
             # length, compiling the largest blocks for one call per prompt costs more than it
             # saves, and `ar` and the methods share the prefill, so exactness does not need it.
             # Eager: one block exactly as long as needed, attention over the live slots only.
             return self._block(tokens, parents, 0, n, pad_to=n, window=self.length + n,
                                last_only=last_only, step=self.fast.step)
-        # Fixed shapes: chunks of at most the largest bucket (a chain: each chunk sees the ones
-        # before it as its prefix), each padded to its bucket.
+        # Compiled or padded: chunks of at most the largest bucket (a chain: each chunk sees the
+        # ones before it as its prefix), each padded to its bucket where shapes are fixed.
         outs = []
-        chunk = self.buckets[-1]
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             m = hi - lo
-            b = fast_llama.bucket(m, self.buckets)
+            b = fast_llama.bucket(m, self.buckets) if self.buckets else max(m, self.min_rows)
             cparents = [p - lo if p >= lo else -1 for p in parents[lo:hi]]
-            window = self.cache.capacity if self.compiled else self.length + lo + b
+            window = self.cache.capacity if self.static_shapes else self.length + lo + b
             outs.append(self._block(tokens[lo:hi], cparents, lo, m, pad_to=b, window=window))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         return out[-1:] if last_only else out

@@ -139,7 +139,7 @@ _causal_masks: dict[tuple[int, str], torch.Tensor] = {}
 
 def _is_causal_square(allowed: torch.Tensor) -> bool:
     n, t = allowed.shape
-    if n != t or n < 2 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or n != t or n < 2:
         return False
     key = (n, str(allowed.device))
     if key not in _causal_masks:

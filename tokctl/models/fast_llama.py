@@ -9,9 +9,10 @@ of the committed prefix) and the committed length as a 0-d device tensor. Everyt
 on the device inside the step, with shapes that depend only on the block size and the attention
 window: the ancestor matrix (by repeated boolean squaring of parent-or-self), the positions (prefix
 length plus depth), the cache slots (written with ``index_copy_``) and the attention mask. So the
-step is one graph that ``torch.compile(fullgraph=True)`` takes whole, and a block padded to a few
-sizes (:data:`BUCKETS`) gives a few graphs. Committing an accepted path is one device gather of
-its slots (:meth:`StaticKVCache.keep`).
+step is one graph that ``torch.compile(fullgraph=True)`` takes whole: with dynamic shapes, one
+graph for every block size and window (on a CPU); padded to a few sizes (:data:`BUCKETS`), a few
+static graphs (for CUDA graphs). Committing an accepted path is a device gather of its slots in
+each layer (:meth:`StaticKVCache.keep`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tokctl.kernels.tree_attention import tree_attention
 from tokctl.models.quant import fuse_linears
@@ -70,23 +72,32 @@ def tree_ancestors(parents: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(n, device=parents.device)
     reach = (parents[:, None] == idx[None, :]) | (idx[:, None] == idx[None, :])
     reach = reach.to(torch.float32)
-    for _ in range(max(0, math.ceil(math.log2(n))) if n > 1 else 0):
+    # Compiled with a symbolic block size, the count cannot follow n: enough for the largest
+    # block a compiled step takes (longer ones are cut into chunks of BUCKETS[-1]).
+    squarings = (math.ceil(math.log2(BUCKETS[-1])) if torch.compiler.is_compiling()
+                 else math.ceil(math.log2(n)) if n > 1 else 0)
+    for _ in range(squarings):
         reach = (reach @ reach).clamp_max(1.0)
     return reach > 0
 
 
 class StaticKVCache:
-    """keys/values: one [layers, kv_heads, capacity, head_dim] tensor each (so that committing a
-    path is one gather for all layers). The committed length is kept by the caller."""
+    """keys/values: one [kv_heads, capacity, head_dim] tensor per layer each. Separate tensors, not
+    views of one: a compiled step writes its new slots into each in place, which Inductor can
+    only do for a whole graph input (writing into a view of a stacked cache is functionalised
+    into a copy of the whole stack, per layer). The committed length is kept by the caller."""
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
-        shape = (num_layers, kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[2]
+        return self.keys[0].shape[1]
+
+    def tensors(self):
+        return self.keys + self.values
 
     def grow(self, needed: int) -> None:
         """Reallocate (keeping the contents) to hold ``needed`` slots. Only between sequences:
@@ -94,25 +105,28 @@ class StaticKVCache:
         if needed <= self.capacity:
             return
         new_cap = max(needed, 2 * self.capacity)
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_zeros(old.shape[:2] + (new_cap,) + old.shape[3:])
-            new[:, :, : old.shape[2]] = old
-            setattr(self, name, new)
+        for group in (self.keys, self.values):
+            for i, old in enumerate(group):
+                new = old.new_zeros((old.shape[0], new_cap, old.shape[2]))
+                new[:, : old.shape[1]] = old
+                group[i] = new
 
     def keep(self, start: int, keep: list[int]) -> None:
-        """Move pending slots ``start + keep[j]`` to ``start + j`` (one gather on the device for
-        all layers); the rest become free. A leading run ``0, 1, ..`` is already in place."""
+        """Move pending slots ``start + keep[j]`` to ``start + j``; the rest become free. A
+        leading run ``0, 1, ..`` is already in place."""
         n = len(keep)
         if n == 0 or keep == list(range(n)):
             return
-        src = torch.tensor(keep, device=self.keys.device) + start
-        for t in (self.keys, self.values):
-            t[:, :, start:start + n] = t.index_select(2, src)
+        src = torch.tensor(keep, device=self.keys[0].device) + start
+        for t in self.tensors():
+            t[:, start:start + n] = t.index_select(1, src)
 
 
-class FastLlama:
-    """The lean forward over a :class:`StaticKVCache`."""
+class FastLlama(nn.Module):
+    """The lean forward over a :class:`StaticKVCache`. A module (holding the model and the fused
+    layers as submodules) so that ``torch.compile`` sees the weights as parameters: Inductor's
+    freezing can then fold them in as constants and prepack them for the CPU's matmul kernels,
+    where plain graph inputs would be read in their stored layout every call."""
 
     def __init__(self, model, attention=None, exit_layer: int | None = None, adapter=None):
         """``exit_layer``: run only the first N decoder layers, then the final norm and head
@@ -123,6 +137,7 @@ class FastLlama:
         :func:`tokctl.kernels.tree_attention.tree_attention`."""
         if not supports(model):
             raise ValueError(f"FastLlama does not support {type(model).__name__}")
+        super().__init__()
         self.model = model
         cfg = model.config
         self.cfg = cfg
@@ -139,9 +154,9 @@ class FastLlama:
         self.attention = attention or tree_attention
         # q, k and v as one matmul, gate and up as another: fewer calls (a one-token step is as
         # much per-call overhead as arithmetic on a CPU) over the same weight bytes.
-        self.qkv = [_fused([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj])
-                    for l in self.layers]
-        self.gate_up = [_fused([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        self.qkv = nn.ModuleList(_fused([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj])
+                                 for l in self.layers)
+        self.gate_up = nn.ModuleList(_fused([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers)
         if adapter is not None:
             self.adapter_qkv = _fused([adapter.q_proj, adapter.k_proj, adapter.v_proj])
         # Sparse decoding's hook: when set, (layer, q, k, v, allowed) -> out replaces attention.
@@ -177,7 +192,7 @@ class FastLlama:
              last_only: bool = False) -> torch.Tensor:
         """Logits ([n, V]) for the block ``tokens`` ([n]) shaped as a tree by ``parents`` ([n]),
         after ``start`` committed tokens (0-d long tensor). Their keys and values are written at
-        slots ``start .. start + n - 1`` of ``keys``/``values`` (the cache's tensors, passed so a
+        slots ``start .. start + n - 1`` of ``keys``/``values`` (the cache's per-layer tensors, passed so a
         compiled step sees them as inputs it mutates) and stay pending until
         :meth:`StaticKVCache.keep`. Attention reads the first ``window`` slots: the whole
         capacity in a compiled step (one shape), ``start + n`` in eager ones."""
@@ -222,10 +237,10 @@ class FastLlama:
         q, k, v = qk[:heads], qk[heads:], qkv[heads + kv_heads:]
         keys[i].index_copy_(1, slots, k)
         values[i].index_copy_(1, slots, v)
-        kv = (keys[i, :, :window], values[i, :, :window], allowed)
+        kv = (keys[i][:, :window], values[i][:, :window], allowed)
         out = (self.attention(q, *kv) if self.layer_attention is None
                else self.layer_attention(i, q, *kv))
-        return h + o_proj(out.transpose(0, 1).reshape(1, n, -1))
+        return h + o_proj(out.transpose(0, 1).reshape(1, n, heads * dim))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
