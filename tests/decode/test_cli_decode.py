@@ -40,6 +40,12 @@ def test_bad_overrides_fail_in_one_line(tiny_lm_dir, tmp_path, override, needle)
     assert needle in one_error_line(out)
 
 
+def test_prepacked_weights_cannot_be_compiled(tiny_lm_dir, tmp_path):
+    code, out = tokctl(*tiny(tiny_lm_dir, tmp_path, "compile=true", "model.prepack=true"))
+    assert code == 2
+    assert "model.prepack" in one_error_line(out)
+
+
 def test_missing_model_fails_in_one_line(tmp_path):
     code, out = tokctl("decode", "model=hf", f"model.path={tmp_path / 'nothing'}",
                        f"hydra.run.dir={tmp_path / 'run'}")

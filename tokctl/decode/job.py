@@ -294,6 +294,9 @@ def run(cfg, run) -> dict[str, Any]:
     for r in runners:
         r.method.setup(target, loaded)
 
+    if target.compiled:
+        with step("compiling the decode step (untimed; minutes on a CPU)"):
+            target.compile_now()
     warm = int(cfg.get("warmup", 1) or 0)
     if warm:
         short = Settings(max_new_tokens=min(16, settings.max_new_tokens), sampling=settings.sampling,

@@ -184,27 +184,29 @@ def compile_step(step, device: torch.device, freeze: bool = True, backend="induc
         mode = {"mode": "reduce-overhead"} if backend == "inductor" else {"backend": backend}
         return torch.compile(step, fullgraph=True, dynamic=False, **mode)
     compiled = torch.compile(step, fullgraph=True, dynamic=dynamic, backend=backend)
-    if not freeze:
-        return compiled
     import torch._inductor.config as inductor_config
+    import torch.fx.experimental._config as shape_config
 
-    def frozen(*args, **kwargs):
-        # Dynamo reads the freezing flag while it traces (it then keeps the parameters out of the
-        # graph's inputs), so it is set around the call: torch.compile's options reach Inductor
-        # only. Set for these calls alone: set globally it would also freeze HF generate's
-        # compiled static cache (a buffer) into a constant.
-        with inductor_config.patch(freezing=True):
+    def run(*args, **kwargs):
+        # Dynamo reads these flags while it traces, so they are set around the call (torch.compile's
+        # options reach Inductor only), and for these calls alone. Freezing keeps the parameters
+        # out of the graph's inputs; set globally it would also freeze HF generate's compiled
+        # static cache (a buffer) into a constant. Duck sizing off: it would give a block of as
+        # many tokens as some model dimension (2 kv heads, say) that dimension's symbol, and then
+        # specialise the block size to it.
+        with inductor_config.patch(freezing=freeze), shape_config.patch(use_duck_shape=not dynamic):
             return compiled(*args, **kwargs)
 
-    return frozen
+    return run
 
 
 class FastTarget(Target):
     """The lean forward over a fixed-capacity cache. ``compile``: steps run through
     ``torch.compile``. On a CPU the compiled step takes any block size and attention window
     (dynamic shapes: one graph for a single token, one for every larger block). On a GPU, where a
-    CUDA graph replays one fixed shape, blocks are padded to :data:`fast_llama.BUCKETS` and attend
-    over the whole capacity (a few fixed shapes). ``exact``: a row's result cannot depend on how many rows run
+    CUDA graph replays one fixed shape, blocks are padded to :data:`fast_llama.BUCKETS` and
+    attend over the whole capacity (a few fixed shapes). :meth:`compile_now` compiles them all
+    before anything is timed. ``exact``: a row's result cannot depend on how many rows run
     beside it or where its tree puts its ancestors (batch invariance): attention runs in float64
     (:func:`tree_attention_exact`), and every block, a one-token ``ar`` step included, is padded
     to one size (``exact_block``) unless the weights are prepacked (bf16 matmul kernels round
@@ -245,6 +247,19 @@ class FastTarget(Target):
                                    dynamic=not self.static_shapes)
                       if self.compiled else self.fast.step)
         self._mark_cache()
+
+    def compile_now(self) -> int:
+        """Run every graph a compiled step can take once (a dummy sequence, nothing kept), so
+        that no timed step compiles. Returns the number of block sizes run."""
+        if not self.compiled:
+            return 0
+        sizes = self.buckets or sorted({max(1, self.min_rows), 2})
+        self.prefill(list(range(4)), capacity=4 + max(sizes))
+        for n in sizes:
+            self.forward(list(range(n)), None)
+            self.commit([])
+        self.prompt, self._held = None, None
+        return len(sizes)
 
     def _mark_cache(self) -> None:
         if self.compiled and self.device.type == "cuda":
@@ -302,6 +317,10 @@ class FastTarget(Target):
         if pad:
             tokens = torch.cat([tokens, tokens.new_zeros(pad)])
             parents = parents + [-1] * pad  # padding rows see the prefix and themselves only
+        elif tokens._base is not None:
+            # Always a tensor of its own: Dynamo guards on whether an input is a view, and a
+            # compiled step fed a slice one step and a fresh tensor the next would recompile.
+            tokens = tokens.clone()
         par = torch.tensor(parents, dtype=torch.long).to(self.device, non_blocking=True)
         start = torch.tensor(self.length + offset, dtype=torch.long).to(self.device,
                                                                           non_blocking=True)
