@@ -55,3 +55,28 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
     covmean = np.real(covmean)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def _knn_radii(x: np.ndarray, k: int) -> np.ndarray:
+    """Distance from each row of ``x`` to its k-th nearest other row."""
+    d = _distances(x, x)
+    return np.sort(d, axis=1)[:, k]  # column 0 is the row itself
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    sq = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T
+    return np.sqrt(np.maximum(sq, 0))
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al., 2019) in the same feature space: each
+    set's manifold is the union of balls around its points reaching their k-th nearest neighbour;
+    precision is the share of generated points inside the real manifold (fidelity), recall the
+    share of real points inside the generated one (coverage)."""
+    if min(len(real), len(fake)) <= k:
+        raise UserError(f"precision/recall with k={k} needs more than {k} images a set")
+    r_real, r_fake = _knn_radii(real, k), _knn_radii(fake, k)
+    d = _distances(real, fake)  # (real, fake)
+    precision = float((d <= r_real[:, None]).any(0).mean())
+    recall = float((d <= r_fake[None, :]).any(1).mean())
+    return precision, recall
