@@ -60,6 +60,19 @@ def method_for(spec: str):
     raise SystemExit(f"unknown row {spec!r}")
 
 
+def slow_down(target, seconds: float) -> None:
+    """Every forward of ``target`` (prefill, step, verification) takes ``seconds`` longer, as a
+    larger model's would on an accelerator that leaves the CPU free meanwhile."""
+    run = target._run
+
+    def slower(*a, **k):
+        out = run(*a, **k)
+        time.sleep(seconds)
+        return out
+
+    target._run = slower
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=200)
@@ -73,6 +86,10 @@ def main() -> None:
     ap.add_argument("--batch-ar", type=int, default=0,
                     help="draw the ar rows N sequences at a time (sample.sample_batch: the same "
                          "law, much faster; their speed is then not comparable): for FID runs")
+    ap.add_argument("--extra-forward-ms", type=float, default=0.0,
+                    help="wait this long after every forward of the target (not the draft's): "
+                         "a stand-in for a larger target, to find the forward cost at which "
+                         "drafting pays")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--out", default="runs/lantern-figures")
@@ -87,6 +104,8 @@ def main() -> None:
     runs = []
     for label, method, seed in map(method_for, args.rows):
         target = engine(method, tok, prior, draft if method.needs_draft else None)
+        if args.extra_forward_ms:
+            slow_down(target, args.extra_forward_ms / 1000)
         gen = torch.Generator().manual_seed(seed)
         method.generate([target.bos], settings, torch.Generator().manual_seed(99))  # warm-up
         runs.append({"label": label, "method": method, "target": target, "gen": gen,
