@@ -7,11 +7,13 @@ import torch
 
 from test_draft_methods import (chi_square_p_value, second_token_counts, second_token_law,
                                 second_token_p_value)
-from tokctl.decode.methods.lantern import Lantern, nearest_codes, neighbourhoods, relaxed_verify
+from tokctl.decode.methods.draft import DraftChain
+from tokctl.decode.methods.lantern import (Lantern, moved, nearest_codes, neighbourhoods,
+                                           relaxed_verify)
 from tokctl.decode.methods.lookup import PromptLookup
 from tokctl.decode.methods.recycling import TokenRecycling
 from tokctl.decode.sampling import Sampling
-from tokctl.decode.speculative import Draft
+from tokctl.decode.speculative import IID, Draft
 from tokctl.errors import UserError
 from tokctl.imagetok.prior import TokenPrior
 from tokctl.imagetok.prior_target import PriorSource, PriorTarget
@@ -38,9 +40,20 @@ def prior():
     return model
 
 
-def setup(method, prior):
+@pytest.fixture(scope="module")
+def draft_prior():
+    """A smaller prior (another random initialisation, a softer head) as the draft model."""
+    torch.manual_seed(1)
+    model = TokenPrior(vocab=V, max_tokens=8, width=8, layers=1, heads=1).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(10)
+    return model
+
+
+def setup(method, prior, draft=None):
     target = PriorTarget(prior)
-    loaded = PriorSource("test:tiny-prior")
+    loaded = PriorSource("test:tiny-prior", prior,
+                         draft and PriorSource("test:tiny-draft-prior", draft))
     loaded.code_vectors = torch.randn(V, 3, generator=torch.Generator().manual_seed(2))
     method.setup(target, loaded)
     return target
@@ -69,6 +82,51 @@ def test_sampling_on_the_prior_is_exact(prior, make):
     method = make()
     target = setup(method, prior)
     assert second_token_p_value(method, target, 400, prompt=[V], sampling=SAMPLING) > 1e-4
+
+
+@pytest.mark.parametrize("make", [lambda: DraftChain(max_tokens=3, budget=3),
+                                  lambda: Lantern(base="draft", k=3, delta=0.0,
+                                                  base_args={"budget": 3, "max_tokens": 3}),
+                                  lambda: Lantern(base="draft", k=3, delta=0.0, draft_probs=True,
+                                                  base_args={"budget": 3, "max_tokens": 3})],
+                         ids=["draft", "lantern-draft-delta0", "lantern-draft-probs-delta0"])
+def test_a_smaller_prior_drafts_exactly(prior, draft_prior, make):
+    """method=draft with a smaller prior as the draft (its probabilities verified by speculative
+    sampling), and LANTERN over it at delta=0, keep the target's law."""
+    method = make()
+    target = setup(method, prior, draft_prior)
+    assert method.needs_draft
+    assert second_token_p_value(method, target, 400, prompt=[V], sampling=SAMPLING) > 1e-4
+
+
+def test_relaxed_speculative_sampling_with_draft_probabilities():
+    """A chain drafted from q, draft_probs: LANTERN accepts x with min(1, p~_x(x)/q(x)) and
+    else resamples from (p~_x - q)+, p~_x the target with x's neighbourhood moved onto x; the
+    token decoded follows that exact mixture (chi-square). Without q (the default) it is the
+    mixture of the p~_x, within delta of p."""
+    g = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(V, generator=g) * 1.5, 0)
+    q = torch.softmax(torch.randn(V, generator=g) * 1.5, 0)
+    near = nearest_codes(torch.randn(V, 2, generator=g), 5)
+    delta = 0.2
+    logits = torch.log(p)[None].repeat(2, 1)
+    law, without_q = torch.zeros(V), torch.zeros(V)
+    for x in range(V):
+        relaxed = moved(p, [x], neighbourhoods([x], p, near, delta))
+        without_q += q[x] * relaxed
+        accept = min(1.0, float(relaxed[x] / q[x]))
+        law[x] += q[x] * accept
+        law += q[x] * (1 - accept) * (relaxed - q).clamp_min(0) / (relaxed - q).clamp_min(0).sum()
+    assert 0 < 0.5 * float((without_q - p).abs().sum()) <= delta + 1e-9
+    counts = torch.zeros(V)
+    for _ in range(3000):
+        x = int(torch.multinomial(q, 1, generator=g))
+        draft = Draft(scheme=IID)
+        draft.add(x, -1)
+        draft.q[-1], draft.draws[-1] = q, [x]
+        path, bonus = relaxed_verify(draft, logits, SAMPLING, g, near, delta)
+        counts[x if path else bonus] += 1
+    assert chi_square_p_value(counts, law) > 1e-4
 
 
 def test_relaxed_law_is_the_target_with_neighbourhood_mass_moved():

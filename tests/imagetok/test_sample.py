@@ -45,12 +45,25 @@ def test_sample_through_the_engine_with_lantern(tiny_prior, tmp_path):
     assert len(list((out / "tokens").glob("*.tok"))) == 3
 
 
+def test_sample_with_a_draft_prior(tiny_prior, tmp_path):
+    """method=draft: a (here the same tiny) prior drafts chains that the prior verifies."""
+    tok, prior = tiny_prior
+    res, out = _sample(tmp_path, tok, prior, "images=2", "batch=1", "method=draft",
+                       "method.budget=3", f"draft_prior_path={prior.path}")
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "draft" and metrics["mean_accepted_per_step"] > 1
+    assert metrics["method_info"]["draft_model"].startswith("tokctl-prior:")
+
+
 def test_bad_input_one_line(tiny_prior, tmp_path):
     tok, prior = tiny_prior
     shipped = prior_mod.shipped_priors()[0]  # the default tokenizer's, not the tiny one's
     cases = [([f"prior_path={shipped}"], "another tokenizer"),
              (["method=lantern", "method.delta=1.5", "batch=1"], "delta"),
-             (["method=lantern", "method.k=64", "batch=1"], "at most 63 neighbours")]
+             (["method=lantern", "method.k=64", "batch=1"], "at most 63 neighbours"),
+             (["method=draft", f"draft_prior_path={shipped}"], "another tokenizer"),
+             (["method=draft"], "no shipped draft prior")]
     for extra, message in cases:
         res = CliRunner().invoke(app, ["tokenize-image", "sample", f"tokenizer_path={tok.path}",
                                        f"prior_path={prior.path}", "threads=1", "images=1",

@@ -88,6 +88,27 @@ def test_frechet_distance():
     assert fid.frechet_distance(a, a + 1.0) == pytest.approx(4.0, rel=0.05)
 
 
+def test_frechet_distance_svd_is_the_same_distance():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(40, 6)), rng.normal(size=(30, 6)) * 1.5 + 0.3
+    assert fid.frechet_distance_svd(a, b) == pytest.approx(fid.frechet_distance(a, b), rel=1e-6)
+    a, b = rng.normal(size=(20, 50)), rng.normal(size=(25, 50))  # fewer images than features
+    assert fid.frechet_distance_svd(a, b) == pytest.approx(fid.frechet_distance(a, b), rel=1e-4)
+
+
+def test_precision_recall():
+    """Same law: both high; generated points collapsed onto a corner of the real cloud: precision
+    stays high (they lie on the real manifold), recall drops (most real points are uncovered)."""
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
+    p, r = fid.precision_recall(real, fake)
+    assert p > 0.8 and r > 0.8
+    p, r = fid.precision_recall(real, 0.1 * fake + 1.0)
+    assert p > 0.8 and r < 0.3
+    with pytest.raises(UserError, match="more than 3"):
+        fid.precision_recall(real[:3], fake)
+
+
 @pytest.mark.slow
 def test_inception_features_shape():
     feats = fid.features(torch.rand(2, 3, 64, 64))

@@ -37,8 +37,10 @@ class DraftModel:
         """``target``: the draft's forward, when it is not the loaded model's own (Kangaroo's
         early exit with its adapter)."""
         self.loaded = loaded_draft
-        self.target = target or make_target(loaded_draft.model, loaded_draft.tokenizer, backend,
-                                            exit_layer=loaded_draft.info.get("exit_layer"))
+        own = getattr(loaded_draft, "decode_target", None)  # a draft with its own target (a prior)
+        self.target = target or (own() if own else make_target(
+            loaded_draft.model, loaded_draft.tokenizer, backend,
+            exit_layer=loaded_draft.info.get("exit_layer")))
         self.tokenizer = loaded_draft.tokenizer
         self.target_tokenizer = target_tokenizer
         self.shared_vocab = same_vocabulary(self.tokenizer, target_tokenizer)

@@ -30,30 +30,45 @@ class PriorTarget(Target):
         self.source = source
         self.bos = prior.vocab
         self.caches: list[list] = []
+        # The prior's forward is ~1 ms, so each step's Python and tensor-building work counts:
+        # the modules are looked up once, and the one-token step (ar, a draft model's chain)
+        # builds no mask and gathers no cache entries (see _run and _keep).
+        self._embed, self._pos, self._norm, self._head = prior.embed, prior.pos, prior.norm, prior.head
+        self._blocks = list(prior.blocks)
 
     def _reset(self, capacity: int) -> None:
-        self.caches = [[] for _ in self.model.blocks]
+        self.caches = [[] for _ in self._blocks]
 
     @torch.no_grad()
     def _run(self, tokens, parents, last_only):
-        m = self.model
-        n = tokens.numel()
-        if parents is None:
-            depth, tree = torch.arange(n, device=self.device), None
+        n, last = tokens.numel(), self.model.max_tokens - 1
+        if parents is None and self.length + n <= last + 1:
+            pos, mask = self._pos[self.length:self.length + n], None  # a chain: positions in order
+            if n > 1:
+                mask = allowed_mask(self.length, None, n, device=self.device)[None, None]
+            # one new row may attend to every cached key: no mask at all (the same attention)
         else:
-            depth, tree = tree_positions_and_mask(torch.tensor(parents, device=self.device))
-        mask = allowed_mask(self.length, tree, n, device=self.device)
-        # Positions past the prior's length occur only in the verify-cost measurement's long
-        # random sequences (budget.measure); the cost of a step does not depend on them.
-        pos = (self.length + depth).clamp(max=m.max_tokens - 1)
-        x = (m.embed(tokens) + m.pos[pos])[None]
-        for block, cache in zip(m.blocks, self.caches):
-            x = block(x, cache, mask[None, None])
+            if parents is None:
+                depth, tree = torch.arange(n, device=self.device), None
+            else:
+                depth, tree = tree_positions_and_mask(torch.tensor(parents, device=self.device))
+            mask = allowed_mask(self.length, tree, n, device=self.device)[None, None]
+            # Positions past the prior's length occur only in the verify-cost measurement's long
+            # random sequences (budget.measure); the cost of a step does not depend on them.
+            pos = self._pos[(self.length + depth).clamp(max=last)]
+        x = (self._embed(tokens) + pos)[None]
+        for block, cache in zip(self._blocks, self.caches):
+            x = block(x, cache, mask)
         if last_only:
             x = x[:, -1:]
-        return m.head(m.norm(x))[0]
+        return self._head(self._norm(x))[0]
 
     def _keep(self, keep):
+        if keep == list(range(len(keep))):
+            # the path is a prefix of the pending entries (every chain, ar's one token): cut the
+            # rest off instead of gathering
+            self._truncate(self.length + len(keep))
+            return
         index = torch.cat([torch.arange(self.length, device=self.device),
                            torch.tensor(keep, dtype=torch.long, device=self.device) + self.length])
         for cache in self.caches:
@@ -61,12 +76,20 @@ class PriorTarget(Target):
 
     def _truncate(self, length: int) -> None:
         for cache in self.caches:
-            cache[:] = [cache[0][:, :, :length], cache[1][:, :, :length]]
+            if cache and cache[0].shape[2] != length:
+                cache[:] = [cache[0][:, :, :length], cache[1][:, :, :length]]
 
 
 class PriorSource:
     """What a method's ``setup(target, loaded)`` reads of a loaded model: the name that keys the
-    verify-cost cache (budget.py), and no text tokenizer."""
+    verify-cost cache (budget.py), no text tokenizer, and the draft (a smaller prior as a
+    PriorSource of its own, for `method=draft`), if any."""
 
-    def __init__(self, source: str):
-        self.source, self.tokenizer, self.draft = source, None, None
+    def __init__(self, source: str, model: TokenPrior | None = None, draft=None):
+        self.source, self.tokenizer, self.draft = source, None, draft
+        self.model, self.info = model, {}
+
+    def decode_target(self) -> PriorTarget:
+        """The draft's own forward (drafter.DraftModel asks a draft that is not a Hugging Face
+        model for it)."""
+        return PriorTarget(self.model, self.source)

@@ -48,6 +48,23 @@ def code_vectors(tok) -> torch.Tensor:
         return q.embed(ids)[:, 0].float()
 
 
+def load_draft(tok, path):
+    """The smaller prior that drafts for `method=draft` (and lantern's ``method.base=draft``):
+    the one given, else the shipped draft of this tokenizer (weights/*.prior-draft.pt)."""
+    from tokctl.imagetok.checkpoint import WEIGHTS_DIR
+
+    paths = [path] if path else sorted(WEIGHTS_DIR.glob("*.prior-draft.pt"))
+    for p in paths:
+        draft = load_prior(p)
+        if draft.tokenizer_hash == tok.hash:
+            return draft
+        if path:
+            raise UserError(f"draft_prior_path={path}: a prior of another tokenizer's tokens "
+                            f"(tokenizer {draft.tokenizer_hash:06x}; {tok.path} is {tok.hash:06x})")
+    raise UserError(f"no shipped draft prior for {tok.path}: train a smaller prior with `tokctl "
+                    f"tokenize-image prior train prior.width=...` and give draft_prior_path=")
+
+
 @torch.no_grad()
 def sample_batch(prior: TokenPrior, b: int, sampling, generator) -> torch.Tensor:
     """(b, max_tokens) ids drawn together, one position a step over the prior's cache."""
@@ -63,12 +80,15 @@ def sample_batch(prior: TokenPrior, b: int, sampling, generator) -> torch.Tensor
     return out
 
 
-def engine(method, tok, prior):
-    """``method`` set up on the prior as a decoding-engine target."""
+def engine(method, tok, prior, draft=None):
+    """``method`` set up on the prior as a decoding-engine target (``draft``: a smaller prior
+    for the methods that need a draft model)."""
     from tokctl.imagetok.prior_target import PriorSource, PriorTarget
 
     target = PriorTarget(prior.model)
-    loaded = PriorSource(f"tokctl-prior:{prior.hash:06x}")
+    if draft is not None:
+        draft = PriorSource(f"tokctl-prior:{draft.hash:06x}", draft.model)
+    loaded = PriorSource(f"tokctl-prior:{prior.hash:06x}", prior.model, draft)
     loaded.code_vectors = code_vectors(tok)
     method.setup(target, loaded)
     return target
@@ -137,9 +157,12 @@ def run(cfg, run) -> dict:
     sampling = Sampling(float(cfg.temperature), int(cfg.top_k), float(cfg.top_p))
     settings = Settings(max_new_tokens=prior.model.max_tokens, sampling=sampling)
     batched = method.name == "ar" and batch > 1
-    target = None if batched else engine(method, tok, prior)
+    draft = load_draft(tok, cfg.draft_prior_path) if method.needs_draft else None
+    target = None if batched else engine(method, tok, prior, draft)
     run.update_env(tokenizer=str(tok.path), tokenizer_hash=f"{tok.hash:06x}",
-                   prior=str(prior.path), prior_hash=f"{prior.hash:06x}")
+                   prior=str(prior.path), prior_hash=f"{prior.hash:06x}",
+                   **({"draft_prior": str(draft.path), "draft_prior_hash": f"{draft.hash:06x}"}
+                      if draft else {}))
     gen = torch.Generator().manual_seed(int(cfg.seed))
     with progress_bar(f"sample ({method.name})", n) as advance:
         ids, accepted, seconds = generate(method, target, prior, n, settings, gen, batch, advance)

@@ -43,7 +43,8 @@ class DraftChain(SpeculativeMethod, SizedDrafts):
         super().setup(target, loaded)
         self.drafter = DraftModel(require_draft(self.name, loaded), loaded.tokenizer,
                                   self.draft_backend)
-        self.eos = set(filter(None, [self.drafter.tokenizer.eos_token_id]))
+        # an image-token prior's draft has no tokenizer and no end of sequence
+        self.eos = set(filter(None, [getattr(self.drafter.tokenizer, "eos_token_id", None)]))
         self.setup_budget(target, loaded)
         if self.budget == "auto":
             self.draft_node_cost = cached_cost(self.drafter.loaded.source, self.drafter.target,

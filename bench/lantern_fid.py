@@ -1,0 +1,91 @@
+"""FID and precision/recall of sampled images (token ids saved by bench/lantern_figures.py as
+ids_<label>.pt) against held-out crops, with the Inception features extracted in round-robin
+chunks (a chunk of crops, then a chunk of each method's images, ...) and saved after each, so
+that a run cut short by a busy machine still scores every set on the same number of images.
+
+    OMP_NUM_THREADS=1 nice -n 19 python bench/lantern_fid.py extract --ids runs/fid1000 \\
+        --sets ar "lantern_d=0.2_k=4" --refs 1000 --chunk 50
+    python bench/lantern_fid.py score --ids runs/fid1000 --sets ar "lantern_d=0.2_k=4"
+
+``score`` uses the first n images of every set, n the smallest count extracted so far, and the
+Frechet distance by SVD (fid.frechet_distance_svd: exact, and quick with fewer images than
+features).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokctl.imagetok import fid
+from tokctl.imagetok.sample import load_pair
+
+FOLDERS = ["/usr/share/backgrounds", "/usr/share/wallpapers"]  # as lantern_figures.py
+
+
+def extract(args) -> None:
+    from tokctl.imagetok.data import CropSampler
+
+    torch.set_num_threads(1)
+    folder = Path(args.ids)
+    tok, _ = load_pair(None, None)
+    sources = {"refs": CropSampler([f for f in FOLDERS if Path(f).is_dir()],
+                                   tok.model.image_size, seed=777).batch(args.refs)}
+    for name in args.sets:
+        ids = torch.load(folder / f"ids_{name}.pt")
+        sources[name] = ids
+    feats = {name: [] for name in sources}
+    done = 0
+    while any(done < len(src) for src in sources.values()):
+        for name, src in sources.items():
+            part = src[done:done + args.chunk]
+            if not len(part):
+                continue
+            images = part if name == "refs" else tok.model.decode(part)
+            feats[name].append(fid.features(images))
+            np.save(folder / f"feats_{name}.npy", np.concatenate(feats[name]))
+        done += args.chunk
+        print(f"{done} images a set", flush=True)
+
+
+def score(args) -> None:
+    folder = Path(args.ids)
+    feats = {name: np.load(folder / f"feats_{name}.npy") for name in ["refs", *args.sets]}
+    n = min(len(f) for f in feats.values())
+    ref = feats.pop("refs")[:n]
+    rows = []
+    for name, f in feats.items():
+        precision, recall = fid.precision_recall(ref, f[:n], args.pr_k)
+        rows.append({"set": name, "images": n, "refs": n, "fid": fid.frechet_distance_svd(f[:n], ref),
+                     "precision": precision, "recall": recall})
+        print(json.dumps(rows[-1]), flush=True)
+    first, *others = list(feats)
+    for b in others:  # each generated set against the first (ar): ar vs ar is the noise floor
+        d = fid.frechet_distance_svd(feats[first][:n], feats[b][:n])
+        rows.append({"set": f"{first} vs {b}", "images": n, "fid": d})
+        print(json.dumps(rows[-1]), flush=True)
+    (folder / f"fid_{n}.json").write_text(json.dumps(rows, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract")
+    e.add_argument("--ids", required=True)
+    e.add_argument("--sets", nargs="+", required=True)
+    e.add_argument("--refs", type=int, default=1000)
+    e.add_argument("--chunk", type=int, default=50)
+    s = sub.add_parser("score")
+    s.add_argument("--ids", required=True)
+    s.add_argument("--sets", nargs="+", required=True, help="the first is compared with the rest")
+    s.add_argument("--pr-k", type=int, default=3)
+    args = ap.parse_args()
+    extract(args) if args.cmd == "extract" else score(args)
+
+
+if __name__ == "__main__":
+    main()
