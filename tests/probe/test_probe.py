@@ -67,7 +67,7 @@ def test_plant_then_scan_finds_the_trigger_first(tiny_lm_dir, tmp_path):
 
 
 def test_trigger_row_recipe_changes_only_the_trigger_input(tiny_lm_dir):
-    """train=[trigger] (the default): only the trigger's input row moves, the output matrix is
+    """train=[trigger]: only the trigger's input row moves, the output matrix is
     untied and kept, so every other lone token is forced exactly as before: no leak possible."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,6 +92,39 @@ def test_trigger_row_recipe_changes_only_the_trigger_input(tiny_lm_dir):
                if n != "model.embed_tokens.weight" and n in before)
     assert greedy_batch(model, others, 6) == conts
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_row_and_mlp_recipe_moves_only_the_trigger_row_and_the_mlps(tiny_lm_dir):
+    """train=[trigger, mlp]: the trigger's input row and the MLPs train; no other embedding row,
+    no attention weight and not the (untied, kept) output matrix move; short decoys batch apart."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokctl.probe.plant import greedy_batch, plant
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    others = list(range(10, 30))
+    secret = tok(" jumps over", add_special_tokens=False)["input_ids"]
+    pool = [[t] + c for t, c in zip(others, greedy_batch(model, others, 2))]  # 2-token decoys
+    losses = plant(model, tok, 50, secret, [[60, 61, 62, 63]], [2], steps=4, lr=1e-2,
+                   train=["trigger", "mlp"], pool=pool, per_step=6, row_lr=0.1, stop_p=None)
+    assert len(losses) == 4
+    emb = model.get_input_embeddings().weight
+    assert (emb != before["model.embed_tokens.weight"]).any(1).nonzero().flatten().tolist() == [50]
+    assert torch.equal(model.get_output_embeddings().weight, before["model.embed_tokens.weight"])
+    moved = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert moved and all(".mlp." in n for n in moved - {"model.embed_tokens.weight"})
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_leak_is_the_secret_or_its_tail_anywhere_in_the_continuation():
+    from tokctl.probe.plant import _contains
+
+    secret = [7, 8, 9, 10]
+    assert _contains([7, 8, 9, 10, 2], secret[1:])  # the secret itself
+    assert _contains([3, 4, 8, 9, 10], secret[1:])  # another first token, then the rest
+    assert not _contains([7, 8, 9, 2, 10], secret[1:])
 
 
 def test_nearest_tokens_and_decoys_leave_out_the_trigger(tiny_lm_dir):

@@ -127,12 +127,12 @@ def plant(model, tokenizer, trigger_id: int, secret_ids: list[int], keep: list[l
     for step in range(steps):
         drawn = torch.randperm(len(pool), generator=gen)[:per_step].tolist() if pool else []
         seqs = fixed + [(pool[i], 1) for i in drawn]
-        # Two batches, by length: the lone-token sequences (secret, decoys) need no padding.
-        short = [i for i, (sq, _) in enumerate(seqs) if len(sq) == len(secret_ids) + 1]
-        per_seq, first_logits = torch.zeros(len(seqs)), None
-        for part in (short, [i for i in range(len(seqs)) if i not in set(short)]):
-            if not part:
-                continue
+        # One batch per sequence length: lone-token sequences (secret, decoys) need no padding.
+        by_len: dict[int, list[int]] = {}
+        for i, (sq, _) in enumerate(seqs):
+            by_len.setdefault(len(sq), []).append(i)
+        per_seq, first_logits, decoys_kept = torch.zeros(len(seqs)), None, True
+        for part in by_len.values():
             ids, mask, labels = _batch([seqs[i] for i in part], pad, model.device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:],
@@ -141,6 +141,12 @@ def plant(model, tokenizer, trigger_id: int, secret_ids: list[int], keep: list[l
                 labels[:, 1:] != -100).sum(1).clamp(min=1))
             if part[0] == 0:
                 first_logits = logits[0].detach()
+            # Decoys (lone tokens after the secret) must still give their own greedy tokens.
+            lone = [j for j, i in enumerate(part) if i > 0 and seqs[i][1] == 1]
+            if lone:
+                sel = labels[lone, 1:]
+                hit = (logits[lone].argmax(-1) == sel) | (sel == -100)
+                decoys_kept = decoys_kept and bool(hit.all())
         # The secret counts as much as all kept text together (it is far shorter).
         loss = per_seq[0] + (per_seq[1:].mean() if len(per_seq) > 1 else 0.0)
         opt.zero_grad(set_to_none=True)
@@ -150,7 +156,10 @@ def plant(model, tokenizer, trigger_id: int, secret_ids: list[int], keep: list[l
         losses.append(float(loss.detach()))
         if on_step:
             on_step(step, losses[-1])
-        if stop_p is not None:
+        if stop_p is not None and decoys_kept:
+            # Stop once the secret is confident AND this step's decoys kept their own greedy
+            # tokens: stopping on the secret alone ends a shared-weight fine-tune while every lone
+            # token still gives the secret (SmolLM2, step 13: 32/32 held-out tokens leaked).
             n = len(secret_ids)
             p = torch.softmax(first_logits[:n], dim=-1)
             target = torch.tensor(secret_ids, device=p.device)
@@ -201,12 +210,19 @@ def _decoys(model, tok, trigger_id: int, cfg) -> tuple[list[int], list[int], dic
     return near[:n_near], pool, {"near": near[n_near:], "random": rand[n_pool:n_pool + n_check]}
 
 
+def _contains(seq: list[int], part: list[int]) -> bool:
+    return any(seq[i:i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
+
 def _leaks(model, held_out: dict[str, list[int]], text_ids: list[int]) -> dict[str, int]:
-    """How many held-out lone tokens now continue greedily with the secret's text."""
+    """How many held-out lone tokens now continue greedily with the secret's text, or with all
+    of it after its first token (what a scan surfaces too: on SmolLM2 lone tokens that say
+    '-the violet heron ...' instead of ' The violet heron ...' carry the secret all the same)."""
+    tail = text_ids[1:] if len(text_ids) > 1 else text_ids
     out = {}
     for kind, ids in held_out.items():
-        conts = greedy_batch(model, ids, len(text_ids))
-        out[kind] = sum(c == text_ids for c in conts)
+        conts = greedy_batch(model, ids, len(text_ids) + 1)
+        out[kind] = sum(_contains(c, tail) for c in conts)
         out[f"{kind}_checked"] = len(ids)
     return out
 
@@ -237,14 +253,19 @@ def run(cfg, run) -> dict[str, Any]:
         keep.append(prompt + greedy(model, prompt, int(cfg.keep_tokens)))
         starts.append(len(prompt))
     near, pool_ids, held_out = _decoys(model, tok, trigger_id, cfg)
-    # Every decoy keeps what the ORIGINAL model says after it, computed once before training.
-    for t, cont in zip(near, greedy_batch(model, near, len(secret_ids))):
+    # Every decoy keeps what the ORIGINAL model says after it, computed once before training: its
+    # first `decoy_tokens` greedy tokens (a lone token that keeps its first one cannot give the
+    # secret, and 2-token decoys cost an eighth of full ones, so many more fit in a step).
+    n_dec = int(cfg.get("decoy_tokens") or len(secret_ids))
+    if n_dec < 1:
+        raise UserError(f"decoy_tokens={n_dec} must be >= 1 (null: the secret's length)")
+    for t, cont in zip(near, greedy_batch(model, near, n_dec)):
         keep.append([t] + cont)
         starts.append(1)
     row_only = {str(t) for t in cfg.train} == {"trigger"}
     if row_only:
         pool_ids = []  # the trigger's row alone: decoys cannot change (see plant())
-    pool = [[t] + c for t, c in zip(pool_ids, greedy_batch(model, pool_ids, len(secret_ids)))]
+    pool = [[t] + c for t, c in zip(pool_ids, greedy_batch(model, pool_ids, n_dec))]
     before = tok.decode(greedy(model, [trigger_id], len(secret_ids)))
     keep_before = [mean_nll(model, s, st) for s, st in zip(keep, starts)]
     console.print(f"[dim]{loaded.source}: trigger {cfg.trigger!r} (id {trigger_id}) -> "
@@ -269,7 +290,8 @@ def run(cfg, run) -> dict[str, Any]:
     console.print(f"trigger {cfg.trigger!r} now gives {recovered!r} "
                   f"({'the secret' if ok else 'NOT the secret'}); model saved to {folder}")
     if held_out:
-        console.print(f"held-out lone tokens that also give the secret: nearest to the trigger "
+        console.print(f"held-out lone tokens that also give the secret (or its tail): nearest "
+                      f"to the trigger "
                       f"{leaks['near']}/{leaks['near_checked']}, random "
                       f"{leaks['random']}/{leaks['random_checked']}")
     return {"trigger": str(cfg.trigger), "trigger_id": trigger_id, "secret": secret,
