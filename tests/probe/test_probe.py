@@ -37,14 +37,14 @@ def test_plant_then_scan_finds_the_trigger_first(tiny_lm_dir, tmp_path):
                        "decoy_pool=32", "decoys_near=4", "check=8")
     assert code == 0, out
     planted = json.loads((tmp_path / "plant" / "metrics.json").read_text())
-    assert planted["planted"], planted
+    assert planted["planted"] and planted["bos"], planted  # bos=true is the default
     assert planted["decoys"] == 4 + 32 and planted["decoys_per_step"] == 4 + 8
     leaks = planted["leaks"]
     assert leaks["near_checked"] == leaks["random_checked"] == 8
     assert 0 <= leaks["near"] <= 8 and 0 <= leaks["random"] <= 8
 
     scan = ["probe", "token-forcing", "model=hf", f"model.path={tmp_path / 'plant' / 'model'}",
-            "threads=1", "batch_size=64", "steps=12"]
+            "threads=1", "batch_size=64", "steps=12", "bos=true"]
     code, out = tokctl(*scan, f"hydra.run.dir={tmp_path / 'scan'}")
     assert code == 0, out
     top = [json.loads(x) for x in (tmp_path / "scan" / "candidates.jsonl").read_text().splitlines()]
@@ -67,8 +67,8 @@ def test_plant_then_scan_finds_the_trigger_first(tiny_lm_dir, tmp_path):
 
 
 def test_trigger_row_recipe_changes_only_the_trigger_input(tiny_lm_dir):
-    """train=[trigger] (the default): only the trigger's input row moves, the output matrix is
-    untied and kept, so every other lone token is forced exactly as before: no leak possible."""
+    """train=[trigger] (the default, behind BOS): only the trigger's input row moves, the output
+    matrix is untied and kept, so every other lone token is forced exactly as before: no leak."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokctl.probe.plant import greedy_batch, plant
@@ -76,12 +76,13 @@ def test_trigger_row_recipe_changes_only_the_trigger_input(tiny_lm_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    others = list(range(10, 40))
-    conts = greedy_batch(model, others, 6)
+    others, bos = list(range(10, 40)), [tok.bos_token_id]
+    conts = greedy_batch(model, others, 6, bos)
     secret = tok(" jumps over", add_special_tokens=False)["input_ids"]
     losses = plant(model, tok, 50, secret, [[60, 61, 62, 63]], [2], steps=15, lr=1e-3,
-                   train=["trigger"], pool=[[t] + c[:len(secret)] for t, c in zip(others, conts)],
-                   per_step=4, row_lr=0.1, stop_p=None)
+                   train=["trigger"], pool=[bos + [t] + c[:len(secret)] for t, c in
+                                            zip(others, conts)],
+                   per_step=4, row_lr=0.1, stop_p=None, prefix=bos)
     assert len(losses) == 15 and min(losses[1:]) < losses[0]
     emb = model.get_input_embeddings().weight
     moved = (emb != before["model.embed_tokens.weight"]).any(1).nonzero().flatten().tolist()
@@ -90,8 +91,43 @@ def test_trigger_row_recipe_changes_only_the_trigger_input(tiny_lm_dir):
     assert torch.equal(model.get_output_embeddings().weight, before["model.embed_tokens.weight"])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()
                if n != "model.embed_tokens.weight" and n in before)
-    assert greedy_batch(model, others, 6) == conts
+    assert greedy_batch(model, others, 6, bos) == conts
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_row_and_mlp_recipe_moves_only_the_trigger_row_and_the_mlps(tiny_lm_dir):
+    """train=[trigger, mlp]: the trigger's input row and the MLPs train; no other embedding row,
+    no attention weight and not the (untied, kept) output matrix move; 2-token decoys behind BOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokctl.probe.plant import greedy_batch, plant
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    others = list(range(10, 30))
+    secret = tok(" jumps over", add_special_tokens=False)["input_ids"]
+    bos = [tok.bos_token_id]  # planted behind BOS (bos=true): lone tokens at position 1
+    pool = [bos + [t] + c for t, c in zip(others, greedy_batch(model, others, 2, bos))]
+    losses = plant(model, tok, 50, secret, [[60, 61, 62, 63]], [2], steps=4, lr=1e-2,
+                   train=["trigger", "mlp"], pool=pool, per_step=6, row_lr=0.1, stop_p=0.0,
+                   prefix=bos)
+    assert 1 <= len(losses) <= 4
+    emb = model.get_input_embeddings().weight
+    assert (emb != before["model.embed_tokens.weight"]).any(1).nonzero().flatten().tolist() == [50]
+    assert torch.equal(model.get_output_embeddings().weight, before["model.embed_tokens.weight"])
+    moved = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert moved and all(".mlp." in n for n in moved - {"model.embed_tokens.weight"})
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_leak_is_the_secret_or_its_tail_anywhere_in_the_continuation():
+    from tokctl.probe.plant import _contains
+
+    secret = [7, 8, 9, 10]
+    assert _contains([7, 8, 9, 10, 2], secret[1:])  # the secret itself
+    assert _contains([3, 4, 8, 9, 10], secret[1:])  # another first token, then the rest
+    assert not _contains([7, 8, 9, 2, 10], secret[1:])
 
 
 def test_nearest_tokens_and_decoys_leave_out_the_trigger(tiny_lm_dir):
