@@ -61,6 +61,20 @@ def test_coding_saves_bits_on_what_the_prior_learnt(tiny_prior):
     assert np.array_equal(prior_mod.decode_ids(prior.model, coded, 8, 6), ids)
 
 
+def test_streams_are_cut_to_the_shortest_that_decodes(tiny_prior):
+    """The coder's sealed stream (whole 32-bit words) is cut while it still decodes: within two
+    bytes of the ideal, and one byte fewer no longer decodes."""
+    tok, prior = tiny_prior
+    rng = np.random.default_rng(0)
+    for t in range(1, 6):
+        ids = rng.integers(0, 64, (t, 6))
+        coded = prior_mod.encode_ids(prior.model, ids)
+        probs = prior.model.coding_probabilities(ids, 6)
+        assert len(coded) <= prior_mod.ideal_bits(probs, ids).sum() / 8 + 2
+        assert np.array_equal(prior_mod.decode_ids(prior.model, coded, t, 6), ids)
+        assert not np.array_equal(prior_mod.decode_ids(prior.model, coded[:-1], t, 6), ids)
+
+
 def test_a_file_whose_prior_is_missing_is_refused(tiny_prior):
     tok, prior = tiny_prior
     ids = tok.model.encode(torch.rand(1, 3, 32, 32)).numpy()

@@ -73,6 +73,22 @@ def test_eval_against_classical_codecs(tiny_tokenizer_file, photo_folder, tmp_pa
     assert m["monotonic_in_tokens"]["onedpiece"]["ssim"] is True
 
 
+def test_eval_with_rfid(tiny_tokenizer_file, photo_folder, tmp_path, monkeypatch):
+    """rfid=true (the default) runs its path end to end and gives every row an rFID; the
+    Inception features are swapped for a cheap stand-in (their own test is below)."""
+    from tokctl.imagetok import fid
+
+    monkeypatch.setattr(fid, "features", lambda images: images.flatten(1)[:, :4].double().numpy())
+    job = JOBS["tokenize-image eval"]
+    cfg = compose(job.conf, job.config_name,
+                  [f"tokenizer_path={tiny_tokenizer_file[0]}", f"data.path={photo_folder}",
+                   "codecs=[jpeg]", "rfid=true", "speed_repeats=1", "threads=1"])
+    status, path = execute(job, cfg, tmp_path / "eval")
+    assert status == "completed"
+    m = json.loads((path / "metrics.json").read_text())
+    assert all(isinstance(e["rfid"], float) for e in m["entries"])
+
+
 def test_eval_bad_budget(tiny_tokenizer_file, tmp_path):
     job = JOBS["tokenize-image eval"]
     cfg = compose(job.conf, job.config_name,

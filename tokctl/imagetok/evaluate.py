@@ -10,6 +10,8 @@ bytes per image, PSNR, SSIM, MS-SSIM and rFID, in metrics.json and a rate-distor
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 

@@ -143,16 +143,54 @@ def encode_ids(prior: TokenPrior, tiles: np.ndarray) -> bytes:
         enc.encode(np.ascontiguousarray(tiles[:, i], dtype=np.int32), model,
                    np.ascontiguousarray(probs[:, i]))
     # trailing zero bytes carry nothing: the decoder reads zeros past the end
-    return enc.get_compressed().astype(">u4").tobytes().rstrip(b"\0")
+    return shortest_stream(enc.get_compressed().astype(">u4").tobytes().rstrip(b"\0"), probs,
+                           tiles)
+
+
+def _decoder(data: bytes):
+    """A range decoder over ``data``, zeros past its end (the encoder drops trailing zeros)."""
+    import constriction
+
+    data = bytes(data) + b"\0" * (-len(data) % 4)
+    return constriction.stream.queue.RangeDecoder(
+        np.frombuffer(data, dtype=">u4").astype(np.uint32))
+
+
+def _decodes_to(data: bytes, probs: np.ndarray, tiles: np.ndarray) -> bool:
+    """Whether ``data`` decodes to ``tiles`` under the encoder's ``probs``. While every id so far
+    matches, the decoder's prior sees the same ids and so computes these same probabilities:
+    checking against them is checking what decode_ids would return, without running the prior."""
+    dec, model = _decoder(data), _model()
+    try:
+        return all(np.array_equal(dec.decode(model, np.ascontiguousarray(probs[:, i])),
+                                  tiles[:, i]) for i in range(tiles.shape[1]))
+    except Exception:  # noqa: BLE001  (a cut the coder rejects is just not a candidate)
+        return False
+
+
+def shortest_stream(data: bytes, probs: np.ndarray, tiles: np.ndarray) -> bytes:
+    """The shortest byte string that still decodes to ``tiles``, found from the range coder's
+    own. The coder seals its stream with whole 32-bit words of its final state, about two bytes
+    more than the information needs; any number inside the final interval decodes the same ids.
+    So the stream is cut a byte at a time, each cut tried as is (rounded down) and with its last
+    byte plus one (rounded up), for as long as one of the two still decodes to the same ids. It
+    is deterministic in the ids, so encode-decode-encode stays byte-identical."""
+    best = data
+    for k in range(len(data) - 1, -1, -1):
+        cut = [data[:k]]
+        up = int.from_bytes(data[:k], "big") + 1
+        if k and up < 256 ** k:
+            cut.append(up.to_bytes(k, "big"))
+        ok = [c.rstrip(b"\0") for c in cut if _decodes_to(c.rstrip(b"\0"), probs, tiles)]
+        if not ok:
+            break
+        best = min(ok, key=len)
+    return best
 
 
 def decode_ids(prior: TokenPrior, data: bytes, tiles: int, n: int) -> np.ndarray:
     """The inverse of :func:`encode_ids`: (tiles, n) ids."""
-    import constriction
-
-    data = bytes(data) + b"\0" * (-len(data) % 4)
-    dec = constriction.stream.queue.RangeDecoder(
-        np.frombuffer(data, dtype=">u4").astype(np.uint32))
+    dec = _decoder(data)
     model = _model()
     out = np.zeros((tiles, n), dtype=np.int64)
 
