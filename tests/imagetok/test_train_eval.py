@@ -1,6 +1,7 @@
 """The train and eval jobs end to end on tiny tokenizers (composed configs, real run folders)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,14 +43,19 @@ def test_train_without_photos_is_one_clear_error(tmp_path):
         execute(job, cfg, tmp_path / "run")
 
 
-def test_eval_against_classical_codecs(tiny_tokenizer_file, photo_folder, tmp_path):
+def _eval(tokenizer_file, photo_folder, tmp_path, *overrides) -> tuple[dict, Path]:
+    """`tokenize-image eval` of the tiny tokenizer on the photo folder: its metrics and folder."""
     job = JOBS["tokenize-image eval"]
     cfg = compose(job.conf, job.config_name,
-                  [f"tokenizer_path={tiny_tokenizer_file[0]}", f"data.path={photo_folder}",
-                   "rfid=false", "speed_repeats=1", "threads=1", "avif_speed=8"])
+                  [f"tokenizer_path={tokenizer_file}", f"data.path={photo_folder}",
+                   "speed_repeats=1", "threads=1", *overrides])
     status, path = execute(job, cfg, tmp_path / "eval")
     assert status == "completed"
-    m = json.loads((path / "metrics.json").read_text())
+    return json.loads((path / "metrics.json").read_text()), path
+
+
+def test_eval_against_classical_codecs(tiny_tokenizer_file, photo_folder, tmp_path):
+    m, path = _eval(tiny_tokenizer_file[0], photo_folder, tmp_path, "rfid=false", "avif_speed=8")
     assert (path / "rate_distortion.png").stat().st_size > 1000
     codecs = {e["codec"] for e in m["entries"]}
     assert codecs == {"onedpiece", "jpeg", "webp", "avif", "jxl"}
@@ -79,13 +85,7 @@ def test_eval_with_rfid(tiny_tokenizer_file, photo_folder, tmp_path, monkeypatch
     from tokctl.imagetok import fid
 
     monkeypatch.setattr(fid, "features", lambda images: images.flatten(1)[:, :4].double().numpy())
-    job = JOBS["tokenize-image eval"]
-    cfg = compose(job.conf, job.config_name,
-                  [f"tokenizer_path={tiny_tokenizer_file[0]}", f"data.path={photo_folder}",
-                   "codecs=[jpeg]", "rfid=true", "speed_repeats=1", "threads=1"])
-    status, path = execute(job, cfg, tmp_path / "eval")
-    assert status == "completed"
-    m = json.loads((path / "metrics.json").read_text())
+    m, _ = _eval(tiny_tokenizer_file[0], photo_folder, tmp_path, "codecs=[jpeg]", "rfid=true")
     assert all(isinstance(e["rfid"], float) for e in m["entries"])
 
 
