@@ -91,7 +91,8 @@ def relaxed_verify(draft: Draft, logits: torch.Tensor, sampling, generator,
     distribution q (``draft.q``: a draft model's chain) is verified by speculative sampling
     against p~ instead of p, LANTERN's rule: accept x with probability min(1, p~(x) / q(x)),
     where p~(x) is the target mass of x's neighbourhood, else resample from the normalised
-    max(0, p~ - q); the output law is p~, within delta of p."""
+    max(0, p~ - q). p~ depends on the drafted x, so that output law is not bounded by delta
+    (module docstring)."""
     children = draft.children()
     p_all = probs(logits, sampling).cpu()
     path: list[int] = []
