@@ -38,7 +38,8 @@ FOLDERS = ["/usr/share/backgrounds", "/usr/share/wallpapers"]
 def method_for(spec: str):
     """A row: ``ar`` or ``ar:SEED``, ``recycling``, ``lookup``, ``draft`` or ``draft:N`` (a
     smaller prior drafting chains of at most N), ``lantern:DELTA,K[,BASE[,probs]]`` (BASE
-    recycling by default; ``probs``: draft_probs=true). Returns (label, method, seed)."""
+    recycling by default, or ``draft:N``: chains of N; ``probs``: draft_probs=true). Returns
+    (label, method, seed)."""
     name, _, arg = spec.partition(":")
     if name == "ar":
         return (f"ar (seed {arg})" if arg else "ar"), Autoregressive(), int(arg or 1)
@@ -56,7 +57,10 @@ def method_for(spec: str):
         probs = "probs" in rest[1:]
         label = f"lantern d={delta} k={k}" + ("" if base == "recycling" else f" {base}") + \
             (" probs" if probs else "")
-        return label, Lantern(base=base, k=int(k), delta=float(delta), draft_probs=probs), 1
+        base, _, chain = base.partition(":")
+        base_args = {"max_tokens": int(chain), "budget": int(chain)} if chain else {}
+        return label, Lantern(base=base, k=int(k), delta=float(delta), draft_probs=probs,
+                              base_args=base_args), 1
     raise SystemExit(f"unknown row {spec!r}")
 
 

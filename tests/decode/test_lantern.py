@@ -71,6 +71,8 @@ def test_tree_forward_matches_the_prior(prior):
     assert torch.allclose(logits[0], full[1], atol=1e-5)
     assert torch.allclose(logits[2], full[2], atol=1e-5)
     assert torch.allclose(t.forward(ids[2:5])[-1], full[5], atol=1e-5)
+    t.commit([0, 1, 2])
+    assert torch.allclose(t.step(int(ids[5])), full[6], atol=1e-5)  # the lean one-token step
 
 
 @pytest.mark.parametrize("make", [lambda: TokenRecycling(k=4, budget=6),

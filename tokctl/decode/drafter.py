@@ -58,15 +58,17 @@ class DraftModel:
             if keep < self.target.length:
                 self.target.truncate(keep)
             new = context[keep:]
-            logits = self.target.forward(new)[-1]
-            self.target.commit(list(range(len(new))))
+            if len(new) == 1:  # the bonus token after a rejection: a plain step
+                logits = self.target.step(new[0])
+            else:
+                logits = self.target.forward(new)[-1]
+                self.target.commit(list(range(len(new))))
         self.cached = list(context)
         return logits
 
     def step(self, token: int) -> torch.Tensor:
         """Append one token to the draft's sequence; its logits."""
-        logits = self.target.forward([token])[0]
-        self.target.commit([0])
+        logits = self.target.step(token)
         self.cached.append(int(token))
         return logits
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokctl.decode.base import DecodingMethod, Generation, append_tokens
-from tokctl.decode.sampling import Sampling, Settings, choose, probs
+from tokctl.decode.sampling import Sampling, Settings, choose, probs, sample
 
 # How a node's children were produced, which decides how they are verified.
 DETERMINISTIC = "deterministic"  # chosen by rule (lookup, top-k): verify against target samples
@@ -76,7 +76,7 @@ def _normalise(p: torch.Tensor) -> torch.Tensor:
 
 
 def _sample(p: torch.Tensor, generator) -> int:
-    return int(torch.multinomial(p, 1, generator=generator))
+    return int(sample(p, generator))
 
 
 def kseq_rho(p: torch.Tensor, q: torch.Tensor, k: int, iters: int = 30) -> float:
@@ -140,15 +140,14 @@ def verify(draft: Draft, logits: torch.Tensor, sampling: Sampling,
         dist = None
     else:
         p_all = probs(logits, sampling)
-        choice = torch.multinomial(p_all, 1, generator=generator).view(-1).tolist() \
-            if len(sampled_nodes) < len(draft) + 1 else None
+        choice = sample(p_all, generator).tolist() if len(sampled_nodes) < len(draft) + 1 else None
         dist = p_all.cpu() if sampled_nodes else None
     path: list[int] = []
     node = -1
     while True:
         kids = children.get(node, [])
         if node in sampled_nodes:
-            token, nxt = _verify_sampled(draft, node, kids, dist[node + 1], generator)
+            token, nxt = verify_sampled(draft, node, kids, dist[node + 1], generator)
         else:
             token = choice[node + 1]
             nxt = next((c for c in kids if draft.tokens[c] == token), None)
@@ -158,8 +157,13 @@ def verify(draft: Draft, logits: torch.Tensor, sampling: Sampling,
         node = nxt
 
 
-def _verify_sampled(draft: Draft, node: int, kids: list[int], p: torch.Tensor,
-                    generator) -> tuple[int, int | None]:
+def verify_sampled(draft: Draft, node: int, kids: list[int], p: torch.Tensor,
+                   generator) -> tuple[int, int | None]:
+    """Verify the children ``kids`` of ``node``, drawn from the draft distribution
+    ``draft.q[node]``, against the target distribution ``p`` (:func:`verify`'s rule for sampled
+    nodes; LANTERN passes its relaxed p~ instead). Returns (the token chosen at this node, the
+    accepted child's index, or None when every child was rejected and the token is the draw
+    from the residual)."""
     q = draft.q[node].float().to(p.device)
     draws = draft.draws.get(node) or [draft.tokens[c] for c in kids]
     by_token = {draft.tokens[c]: c for c in kids}

@@ -139,6 +139,13 @@ class Target:
         self.forward_calls += 1
         return logits
 
+    def step(self, token: int) -> torch.Tensor:
+        """One token after the committed prefix, committed at once: its logits ([V]). The loop
+        of `ar` and of a draft model's chain; a target may run it leaner than a forward."""
+        logits = self.forward([token])[0]
+        self.commit([0])
+        return logits
+
     def truncate(self, length: int) -> None:
         """Forget committed tokens beyond ``length`` (a draft model rolling back its guesses)."""
         if self._pending:

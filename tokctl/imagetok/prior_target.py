@@ -3,22 +3,68 @@ LANTERN (decode/methods/*.py) run on image tokens through the same engine as on 
 
 Why an adapter and not a prior retrained as a Hugging Face Llama: the shipped prior
 (weights/default.prior.pt) is a TokenPrior, and the engine needs only three operations of a
-target (prefill, a tree forward after the committed prefix, commit): about sixty lines over the
-prior's own blocks, against retraining (CPU hours here) and a second prior format.
+target (prefill, a tree forward after the committed prefix, commit): about a hundred lines over
+the prior's own weights, against retraining (CPU hours here) and a second prior format.
 
 A sequence is ``[BOS] + code ids`` (BOS is id ``vocab``, which the prior embeds but never
-predicts). The cache holds one key/value pair per block; a tree's pending entries are appended
-and :meth:`_keep` keeps the committed path. Input position i uses the prior's position embedding
-i, as in :meth:`TokenPrior.forward`.
+predicts). Input position i uses the prior's position embedding i, as in
+:meth:`TokenPrior.forward`.
+
+Why a functional forward (:func:`_block`) beside :class:`PriorBlock`'s: the prior is tiny (a
+forward is a few dozen operations on 96-wide rows), so its cost here is per-operation dispatch,
+not arithmetic, and a generation runs 64 such steps: the module calls, a key/value cache grown
+by concatenation, a mask and a position tensor built every step cost as much as the arithmetic.
+Here the weights are read once, the cache is one preallocated tensor (every layer's keys and
+values, written in place: committing a chain is moving the length, committing a tree path one
+gather), and a one-token step (:meth:`PriorTarget.step`: `ar`, a draft model's chain) builds no
+tensor at all. It computes what PriorBlock.forward computes (a test compares the two).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from tokctl.decode.target import Target, tree_positions_and_mask
 from tokctl.imagetok.prior import TokenPrior
 from tokctl.kernels.tree_attention import allowed_mask
+
+
+def _linear(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bias, weight transposed and contiguous) for ``torch.addmm(bias, x, weight_t)``: on rows
+    this narrow, half the time of F.linear (which multiplies by the transpose of the stored
+    weight) for one row and for a few."""
+    return layer.bias.detach(), layer.weight.detach().t().contiguous()
+
+
+def _layer_weights(block) -> tuple:
+    """A PriorBlock's parameters in :func:`_block`'s order. A snapshot: the linear layers'
+    weights are copied (transposed), so the target computes with the weights the prior had
+    when the target was made (a loaded prior's do not change)."""
+    norm = lambda n: (n.weight.detach(), n.bias.detach(), n.eps)  # noqa: E731
+    return (norm(block.norm1), _linear(block.qkv), _linear(block.proj), norm(block.norm2),
+            _linear(block.mlp[0]), _linear(block.mlp[2]), block.heads)
+
+
+def _block(x: torch.Tensor, weights: tuple, kv: torch.Tensor, start: int,
+           mask: torch.Tensor | None) -> torch.Tensor:
+    """PriorBlock.forward for one sequence's ``n`` new rows ``x`` (n, width) at positions
+    ``start``.. : their keys and values are written into ``kv`` (2, 1, heads, capacity, head
+    width) in place, and they attend to every entry before them (``mask``, (n, start + n),
+    True = may attend: the causal or tree mask among the new rows; None: all). Attention runs
+    on 4-d (batch 1) tensors: SDPA's fused CPU kernel takes those (3-d ones go to a slower
+    path, twice the time here)."""
+    (n1w, n1b, eps1), qkv_lin, proj_lin, (n2w, n2b, eps2), in_lin, out_lin, heads = weights
+    n, width = x.shape
+    end = start + n
+    qkv = torch.addmm(qkv_lin[0], torch.layer_norm(x, (width,), n1w, n1b, eps1), qkv_lin[1])
+    qkv = qkv.view(1, n, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # (3, 1, heads, n, hw)
+    kv[:, :, :, start:end] = qkv[1:]
+    y = F.scaled_dot_product_attention(qkv[0], kv[0, :, :, :end], kv[1, :, :, :end],
+                                       attn_mask=mask)
+    x = x + torch.addmm(proj_lin[0], y.transpose(1, 2).reshape(n, width), proj_lin[1])
+    h = torch.addmm(in_lin[0], torch.layer_norm(x, (width,), n2w, n2b, eps2), in_lin[1])
+    return x + torch.addmm(out_lin[0], F.gelu(h, approximate="tanh"), out_lin[1])
 
 
 class PriorTarget(Target):
@@ -29,55 +75,73 @@ class PriorTarget(Target):
         super().__init__(prior, None, vocab_size=prior.vocab, max_positions=prior.max_tokens + 1)
         self.source = source
         self.bos = prior.vocab
-        self.caches: list[list] = []
-        # The prior's forward is ~1 ms, so each step's Python and tensor-building work counts:
-        # the modules are looked up once, and the one-token step (ar, a draft model's chain)
-        # builds no mask and gathers no cache entries (see _run and _keep).
-        self._embed, self._pos, self._norm, self._head = prior.embed, prior.pos, prior.norm, prior.head
-        self._blocks = list(prior.blocks)
+        self._layers = [_layer_weights(b) for b in prior.blocks]
+        self._embed, self._pos = prior.embed.weight.detach(), prior.pos.detach()
+        self._norm = (prior.norm.weight.detach(), prior.norm.bias.detach(), prior.norm.eps)
+        self._head = _linear(prior.head)
+        self.kv: torch.Tensor | None = None  # (layers, 2, 1, heads, capacity, head width)
 
     def _reset(self, capacity: int) -> None:
-        self.caches = [[] for _ in self._blocks]
+        capacity = max(capacity, self.max_positions)
+        if self.kv is None or self.kv.shape[4] < capacity:
+            block = self.model.blocks[0]
+            width = self._embed.shape[1]
+            self.kv = torch.zeros(len(self._layers), 2, 1, block.heads, capacity,
+                                  width // block.heads, dtype=self.dtype, device=self.device)
+            # a chain of n rows from ``start`` attends through row start + i: a slice of one
+            # additive causal mask (SDPA would turn a boolean one into this every layer)
+            self._kv = list(self.kv)  # per layer (iterating the tensor would unbind it each step)
+            self._causal = torch.full((capacity, capacity), float("-inf"), dtype=self.dtype,
+                                      device=self.device).triu(1)
 
-    @torch.no_grad()
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        w, b, eps = self._norm
+        bias, weight_t = self._head
+        return torch.addmm(bias, torch.layer_norm(x, (x.shape[-1],), w, b, eps), weight_t)
+
+    # No torch.no_grad(): every tensor here is detached (the weights, the cache), so autograd
+    # records nothing anyway, and the context manager costs a few microseconds a call.
     def _run(self, tokens, parents, last_only):
-        n, last = tokens.numel(), self.model.max_tokens - 1
-        if parents is None and self.length + n <= last + 1:
-            pos, mask = self._pos[self.length:self.length + n], None  # a chain: positions in order
+        n, start, last = tokens.numel(), self.length, self.model.max_tokens - 1
+        if parents is None and start + n <= last + 1:
+            pos, mask = self._pos[start:start + n], None  # a chain: positions in order
             if n > 1:
-                mask = allowed_mask(self.length, None, n, device=self.device)[None, None]
+                mask = self._causal[start:start + n, :start + n]
             # one new row may attend to every cached key: no mask at all (the same attention)
         else:
             if parents is None:
                 depth, tree = torch.arange(n, device=self.device), None
             else:
                 depth, tree = tree_positions_and_mask(torch.tensor(parents, device=self.device))
-            mask = allowed_mask(self.length, tree, n, device=self.device)[None, None]
+            mask = allowed_mask(start, tree, n, device=self.device)
             # Positions past the prior's length occur only in the verify-cost measurement's long
             # random sequences (budget.measure); the cost of a step does not depend on them.
-            pos = self._pos[(self.length + depth).clamp(max=last)]
-        x = (self._embed(tokens) + pos)[None]
-        for block, cache in zip(self._blocks, self.caches):
-            x = block(x, cache, mask)
-        if last_only:
-            x = x[:, -1:]
-        return self._head(self._norm(x))[0]
+            pos = self._pos[(start + depth).clamp(max=last)]
+        x = self._embed[tokens] + pos
+        for weights, kv in zip(self._layers, self._kv):
+            x = _block(x, weights, kv, start, mask)
+        return self._logits(x[-1:] if last_only else x)
+
+    def step(self, token: int) -> torch.Tensor:
+        """``forward([token])`` then ``commit([0])`` with no tensor built: the token's embedding
+        row and its position's are slices."""
+        if self._pending:
+            raise RuntimeError("commit() the previous forward before the next one")
+        t, start = int(token), self.length
+        p = min(start, self.model.max_tokens - 1)
+        x = self._embed[t:t + 1] + self._pos[p:p + 1]
+        for weights, kv in zip(self._layers, self._kv):
+            x = _block(x, weights, kv, start, None)
+        self.length += 1
+        self.forward_calls += 1
+        return self._logits(x)[0]
 
     def _keep(self, keep):
         if keep == list(range(len(keep))):
-            # the path is a prefix of the pending entries (every chain, ar's one token): cut the
-            # rest off instead of gathering
-            self._truncate(self.length + len(keep))
-            return
-        index = torch.cat([torch.arange(self.length, device=self.device),
-                           torch.tensor(keep, dtype=torch.long, device=self.device) + self.length])
-        for cache in self.caches:
-            cache[:] = [cache[0].index_select(2, index), cache[1].index_select(2, index)]
-
-    def _truncate(self, length: int) -> None:
-        for cache in self.caches:
-            if cache and cache[0].shape[2] != length:
-                cache[:] = [cache[0][:, :, :length], cache[1][:, :, :length]]
+            return  # a prefix of the pending entries (every chain, ar): already in place
+        start = self.length
+        index = torch.tensor(keep, dtype=torch.long, device=self.device) + start
+        self.kv[:, :, :, :, start:start + len(keep)] = self.kv.index_select(4, index)
 
 
 class PriorSource:

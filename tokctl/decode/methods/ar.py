@@ -29,8 +29,7 @@ def decode_loop(target, logits: torch.Tensor, settings: Settings,
             reason = "context"
         if reason:
             break
-        logits = target.forward([token])[0]
-        target.commit([0])
+        logits = target.step(token)
     return Generation(tokens=out, steps=target.forward_calls, finish_reason=reason,
                       accepted_per_step=[1] * target.forward_calls)
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from tokctl.decode.budget import SizedDrafts, cached_cost
 from tokctl.decode.drafter import DraftModel, require_draft
 from tokctl.decode.methods.lookup import DepthStats
+from tokctl.decode.sampling import sample
 from tokctl.decode.speculative import DETERMINISTIC, IID, Draft, SpeculativeMethod
 from tokctl.errors import UserError
 
@@ -77,7 +76,7 @@ class DraftChain(SpeculativeMethod, SizedDrafts):
         for i in range(gamma):
             if sampled:
                 q = d.draft_probs(logits, settings.sampling, self.target.vocab_size)
-                token = int(torch.multinomial(q, 1, generator=generator))
+                token = int(sample(q, generator))
                 draft.q[i - 1] = q
                 draft.draws[i - 1] = [token]
             else:

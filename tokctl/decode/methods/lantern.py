@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from tokctl.decode.sampling import probs
-from tokctl.decode.speculative import (DETERMINISTIC, IID, Draft, SpeculativeMethod,
-                                       _verify_sampled, verify)
+from tokctl.decode.sampling import probs, sample
+from tokctl.decode.speculative import (DETERMINISTIC, IID, Draft, SpeculativeMethod, verify,
+                                       verify_sampled)
 from tokctl.errors import UserError
 
 
@@ -50,11 +50,12 @@ def nearest_codes(vectors: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(d, dim=1, stable=True).indices[:, :k]
 
 
-def neighbourhoods(kids: list[int], p: torch.Tensor, near: torch.Tensor,
+def neighbourhoods(kids: list[int], p: torch.Tensor, near,
                    delta: float) -> dict[int, int]:
     """token -> index (into ``kids``, draft tokens) of the child that claims it. Each child
     claims itself, then its nearest codes in order while the claimed mass (shared by the
-    siblings) stays within ``delta``; codes drafted as siblings or claimed already are skipped."""
+    siblings) stays within ``delta``; codes drafted as siblings or claimed already are skipped.
+    ``near``: :func:`nearest_codes`, or its ``.tolist()`` (read a row a node: no tensor reads)."""
     owner = {t: i for i, t in reversed(list(enumerate(kids)))}  # a duplicate token: first child
     moved = 0.0
     if delta <= 0:
@@ -62,10 +63,11 @@ def neighbourhoods(kids: list[int], p: torch.Tensor, near: torch.Tensor,
     for i, x in enumerate(kids):
         if owner.get(x) != i:
             continue
-        for y in near[x].tolist():
+        row = near[x]
+        row = row.tolist() if torch.is_tensor(row) else row
+        for y, py in zip(row, p[row].tolist()):  # the row's masses in one read
             if y in owner:
                 continue
-            py = float(p[y])
             if moved + py > delta:
                 break  # the neighbourhood is a prefix of the nearest codes
             moved += py
@@ -75,17 +77,20 @@ def neighbourhoods(kids: list[int], p: torch.Tensor, near: torch.Tensor,
 
 def moved(p: torch.Tensor, kids: list[int], owner: dict[int, int]) -> torch.Tensor:
     """The relaxed law p~: every claimed code's probability moved onto the drafted code that
-    claims it (total variation from p: the claimed mass, at most delta)."""
+    claims it (total variation from p: the claimed mass, at most delta). ``p`` itself when
+    nothing is claimed (callers do not write to it)."""
+    claimed = [y for y, i in owner.items() if y != kids[i]]
+    if not claimed:
+        return p
     out = p.clone()
-    for y, i in owner.items():
-        if y != kids[i]:
-            out[kids[i]] += p[y]
-            out[y] = 0
+    # added in claim order, as one addition a claimed code would
+    out.index_add_(0, torch.tensor([kids[owner[y]] for y in claimed], device=p.device), p[claimed])
+    out[claimed] = 0
     return out
 
 
 def relaxed_verify(draft: Draft, logits: torch.Tensor, sampling, generator,
-                   near: torch.Tensor, delta: float) -> tuple[list[int], int]:
+                   near, delta: float) -> tuple[list[int], int]:
     """Walk the tree with the relaxed rule (module docstring); returns (path, bonus) as
     :func:`tokctl.decode.speculative.verify`. A node whose children were drawn from a draft
     distribution q (``draft.q``: a draft model's chain) is verified by speculative sampling
@@ -103,11 +108,11 @@ def relaxed_verify(draft: Draft, logits: torch.Tensor, sampling, generator,
         tokens = [draft.tokens[c] for c in kids]
         owner = neighbourhoods(tokens, p, near, delta) if kids else {}
         if kids and node in draft.q:
-            y, nxt = _verify_sampled(draft, node, kids, moved(p, tokens, owner), generator)
+            y, nxt = verify_sampled(draft, node, kids, moved(p, tokens, owner), generator)
             if nxt is None:
                 return path, y
         else:
-            y = int(torch.multinomial(p, 1, generator=generator))
+            y = int(sample(p, generator))
             if y not in owner:
                 return path, y
             nxt = kids[owner[y]]
@@ -141,6 +146,7 @@ class Lantern(SpeculativeMethod):
                             f"most {len(vectors) - 1} neighbours")
         self.base.setup(target, loaded)
         self.near = nearest_codes(vectors, self.k)
+        self._near_rows = self.near.tolist()  # what relaxed_verify reads, a row a node
 
     # The base drafts and learns; LANTERN only changes how drafts are accepted.
     @property
@@ -166,7 +172,7 @@ class Lantern(SpeculativeMethod):
     def verify(self, draft, logits, sampling, generator):
         if sampling.greedy:
             return verify(draft, logits, sampling, generator)
-        return relaxed_verify(draft, logits, sampling, generator, self.near, self.delta)
+        return relaxed_verify(draft, logits, sampling, generator, self._near_rows, self.delta)
 
     def observe(self, tokens, draft, logits, path, bonus) -> None:
         self.base.observe(tokens, draft, logits, path, bonus)
