@@ -7,7 +7,9 @@ crops (Inception pool features, tokctl/imagetok/fid.py) and a PNG grid per metho
         --out runs/lantern-figures [--rows ar ar:2 lookup draft lantern:0.2,4 ...] [--no-fid]
 
 Writes figures.json (one row per method) and grid_<label>.png to --out. Speedups are ratios of
-images per second to `ar`'s in the same run. "ar (seed 2)" is `ar` again from another seed: the
+images per second to `ar`'s in the same run; ``cpu_speedup_vs_ar`` is the same ratio in this
+process's CPU time (time.process_time, one thread), which a shared machine's other work
+disturbs less than wall-clock time. "ar (seed 2)" is `ar` again from another seed: the
 FID difference between the two `ar` rows is the noise of FID at this sample size. Precision and
 recall (Kynkaanniemi et al.'s k-NN manifolds) are in the same Inception feature space.
 """
@@ -113,7 +115,7 @@ def main() -> None:
         gen = torch.Generator().manual_seed(seed)
         method.generate([target.bos], settings, torch.Generator().manual_seed(99))  # warm-up
         runs.append({"label": label, "method": method, "target": target, "gen": gen,
-                     "ids": [], "seconds": 0.0, "steps": 0})
+                     "ids": [], "seconds": 0.0, "cpu": 0.0, "steps": 0})
     batched = [r for r in runs if args.batch_ar and isinstance(r["method"], Autoregressive)]
     for r in batched:
         start = time.perf_counter()
@@ -124,20 +126,25 @@ def main() -> None:
         r["label"] += " [batched]"
     for i in range(args.images):  # interleaved: image i of every method, then image i + 1
         for r in (r for r in runs if not any(r is b for b in batched)):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             g = r["method"].generate([r["target"].bos], settings, r["gen"])
             r["seconds"] += time.perf_counter() - start
+            r["cpu"] += time.process_time() - cpu
             r["ids"].append(g.tokens)
             r["steps"] += len(g.accepted_per_step)
         if (i + 1) % 20 == 0:
             print(f"{i + 1}/{args.images} images per method", flush=True)
-    base_rate = None
+    base_rate = base_cpu = None
     for r in runs:  # speed first (written before the long FID part)
         rate = len(r["ids"]) / r["seconds"]
         base_rate = base_rate or rate
+        cpu_rate = len(r["ids"]) / r["cpu"] if r["cpu"] else None  # None: a batched row
+        base_cpu = base_cpu or cpu_rate
         r["row"] = {"method": r["label"], "images": len(r["ids"]), "images_per_s": rate,
                     "tokens_per_s": len(r["ids"]) * prior.model.max_tokens / r["seconds"],
                     "speedup_vs_ar": rate / base_rate,
+                    "cpu_ms_per_image": 1000 * r["cpu"] / len(r["ids"]) if cpu_rate else None,
+                    "cpu_speedup_vs_ar": cpu_rate / base_cpu if cpu_rate and base_cpu else None,
                     "mean_accepted_per_step": len(r["ids"]) * prior.model.max_tokens / r["steps"],
                     "info": r["method"].run_info()}
         print(json.dumps({k: v for k, v in r["row"].items() if k != "info"}), flush=True)

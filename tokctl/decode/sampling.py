@@ -63,7 +63,8 @@ def sample(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     cum = p.double().cumsum(-1)
     u = torch.rand(cum.shape[:-1] + (1,), dtype=torch.float64, generator=generator,
                    device=p.device)
-    return torch.searchsorted(cum, u * cum[..., -1:], right=True).squeeze(-1)
+    index = torch.searchsorted(cum, u * cum[..., -1:], right=True).squeeze(-1)
+    return index.clamp_max(cum.shape[-1] - 1)  # u * total rounded up to the total
 
 
 def choose(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:

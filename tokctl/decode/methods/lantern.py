@@ -77,15 +77,19 @@ def neighbourhoods(kids: list[int], p: torch.Tensor, near,
 
 def moved(p: torch.Tensor, kids: list[int], owner: dict[int, int]) -> torch.Tensor:
     """The relaxed law p~: every claimed code's probability moved onto the drafted code that
-    claims it (total variation from p: the claimed mass, at most delta). ``p`` itself when
-    nothing is claimed (callers do not write to it)."""
+    claims it (total variation from p: the claimed mass, at most delta). ``p``: a row on the
+    CPU (relaxed_verify's); returned itself when nothing is claimed (callers do not write to
+    it)."""
     claimed = [y for y, i in owner.items() if y != kids[i]]
     if not claimed:
         return p
     out = p.clone()
-    # added in claim order, as one addition a claimed code would
-    out.index_add_(0, torch.tensor([kids[owner[y]] for y in claimed], device=p.device), p[claimed])
-    out[claimed] = 0
+    # element by element through NumPy views of the two tensors: a torch call per element
+    # costs more than the rest of a verification step
+    o, src = out.numpy(), p.numpy()
+    for y in claimed:
+        o[kids[owner[y]]] += src[y]
+    o[claimed] = 0
     return out
 
 
