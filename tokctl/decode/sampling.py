@@ -39,7 +39,8 @@ def probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
         out = torch.zeros_like(logits)
         out.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         return out
-    logits = logits / s.temperature
+    if s.temperature != 1.0:  # dividing by 1 changes nothing and costs a call a token
+        logits = logits / s.temperature
     if s.top_k and s.top_k < logits.shape[-1]:
         kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
