@@ -9,7 +9,7 @@ from tokctl.decode.methods.ar import Autoregressive
 from tokctl.decode.methods.hybrid import Hybrid
 from tokctl.decode.methods.lookup import PromptLookup, find_continuation
 from tokctl.decode.methods.recycling import TokenRecycling, grow_template
-from tokctl.decode.sampling import Sampling, Settings
+from tokctl.decode.sampling import Sampling, Settings, sample
 from tokctl.decode.speculative import (DETERMINISTIC, IID, KSEQ, WITHOUT_REPLACEMENT, Draft,
                                        kseq_rho, verify)
 from tokctl.decode.target import make_target
@@ -237,3 +237,16 @@ def test_cap_keeps_a_closed_tree_for_batch_invariant_targets():
     capped = _cap(d, 4, Sampling())
     assert capped.tokens == [5, 6, 7] and capped.parents == [-1, 0, -1]
     assert _cap(d, None, Sampling()) is d and _cap(d, 6, Sampling()) is d
+
+
+def test_sample_draws_each_row_from_its_law():
+    """sampling.sample (inverse CDF, one uniform a row): each row's frequencies follow its own
+    masses (unnormalised too), zero-mass entries are never drawn."""
+    p = torch.tensor([[0.0, 1.0, 0.0, 0.4, 0.6], [0.3, 0.0, 0.2, 0.5, 0.0]])
+    n = 20000
+    draws = sample(p.repeat(n, 1), torch.Generator().manual_seed(0)).view(n, 2)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=5).double() / n
+        assert freq[p[row] == 0].sum() == 0
+        assert 0.5 * (freq - p[row].double() / p[row].sum()).abs().sum() < 0.02
+    assert sample(p[0], torch.Generator().manual_seed(1)).dim() == 0  # one row: one index

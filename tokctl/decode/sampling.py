@@ -57,10 +57,11 @@ def probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 def sample(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index drawn from each row of ``p`` ([..., V], non-negative, any positive sum): the
     indices ([...]). Inverse CDF with one uniform a row, in float64: the first index whose
-    cumulative mass exceeds u times the total. The same law as ``torch.multinomial(p, 1)``, at
-    a third of its cost on one row (multinomial draws an exponential per entry): on the image
-    prior a sample is a tenth of a step. Zero-mass entries are never drawn (their cumulative
-    mass equals the one before); float64 keeps the smallest masses of a large vocabulary."""
+    cumulative mass exceeds u times the total. The same law as ``torch.multinomial(p, 1)``, in
+    about 60% of its time on one row and a third on a few rows (multinomial draws an
+    exponential per entry): on the image prior a draw is a fifth of an `ar` step. Zero-mass
+    entries are never drawn (their cumulative mass equals the one before); float64 keeps the
+    smallest masses of a large vocabulary."""
     cum = p.double().cumsum(-1)
     u = torch.rand(cum.shape[:-1] + (1,), dtype=torch.float64, generator=generator,
                    device=p.device)
