@@ -28,13 +28,14 @@ FOLDERS = ["/usr/share/backgrounds", "/usr/share/wallpapers"]  # as lantern_figu
 
 
 def extract(args) -> None:
-    from tokctl.imagetok.data import CropSampler
+    from tokctl.imagetok.data import CropSampler, to_image
+    from tokctl.imagetok.sample import save_grid
 
     torch.set_num_threads(1)
     folder = Path(args.ids)
     tok, _ = load_pair(None, None)
-    sources = {"refs": CropSampler([f for f in FOLDERS if Path(f).is_dir()],
-                                   tok.model.image_size, seed=777).batch(args.refs)}
+    sources = {} if not args.refs else {"refs": CropSampler(  # --refs 0: crops extracted before
+        [f for f in FOLDERS if Path(f).is_dir()], tok.model.image_size, seed=777).batch(args.refs)}
     for name in args.sets:
         ids = torch.load(folder / f"ids_{name}.pt")
         sources[name] = ids
@@ -46,6 +47,8 @@ def extract(args) -> None:
             if not len(part):
                 continue
             images = part if name == "refs" else tok.model.decode(part)
+            if not done:  # the first chunk's images (at most 64) as the set's PNG grid
+                save_grid([to_image(im) for im in images[:64]], folder / f"grid_{name}.png", 8)
             feats[name].append(fid.features(images))
             np.save(folder / f"feats_{name}.npy", np.concatenate(feats[name]))
         done += args.chunk
