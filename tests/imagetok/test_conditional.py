@@ -65,12 +65,16 @@ def test_conditional_prior_trains_and_samples_each_cluster(tiny_tokenizer_file, 
                                        f"hydra.run.dir={out}", *extra])
         return res, out
 
-    for extra in (["batch=4"], ["batch=1", "method=lantern", "method.k=3", "method.delta=0.1"]):
+    for extra in (["batch=4"], ["batch=1", "method=lantern", "method.k=3", "method.delta=0.1",
+                                "guidance=3"]):
         res, out = sample("condition=2", *extra)
         assert res.exit_code == 0, res.output
         m = json.loads((out / "metrics.json").read_text())
         assert m["condition"] == 2 and 0 <= m["cluster_match"] <= 1
+        assert m["guidance"] == (3 if "guidance=3" in extra else 1)
         assert abs(m["cluster_share"] - float(prior.model.cluster_share[2])) < 1e-6
+    res, _ = sample("guidance=2")
+    assert res.exit_code != 0 and "give condition=" in res.output
     res, _ = sample("condition=3")
     assert res.exit_code != 0 and "clusters 0..2" in res.output and "Traceback" not in res.output
     res, _ = sample("condition=0", "method=draft", f"draft_prior_path={tiny_prior[1].path}")
@@ -83,3 +87,30 @@ def test_condition_needs_a_conditional_prior(tiny_prior, tmp_path):
                                    f"prior_path={prior.path}", "threads=1", "images=1",
                                    "condition=0", f"runs_dir={tmp_path}"])
     assert res.exit_code != 0 and "unconditional" in res.output and "Traceback" not in res.output
+
+
+def test_guidance_is_the_same_law_in_the_engine_and_the_batched_sampler():
+    from tokctl.decode.sampling import Sampling
+    from tokctl.imagetok.prior_target import PriorTarget
+    from tokctl.imagetok.sample import sample_batch
+
+    torch.manual_seed(0)
+    model = prior_mod.TokenPrior(vocab=20, max_tokens=6, width=16, layers=2, heads=2,
+                                 conditions=3).eval()
+    start, scale = model.start_id(1), 2.5
+    tokens = torch.tensor([[4, 7, 1, 19, 0, 3]])
+    with torch.no_grad():
+        want = prior_mod.guided_logits(model(tokens, torch.tensor([start])), model(tokens),
+                                       scale)[0]
+    target = PriorTarget(model, guidance=scale)
+    got = [target.prefill([start])]
+    got.append(target.forward(tokens[0, :3])[0])  # a chain of three, then a tree of two
+    target.commit([0])
+    logits = target.forward(torch.tensor([7, 9]), parents=[-1, -1])
+    got.append(logits[0])
+    assert torch.allclose(torch.stack(got), want[:3], atol=1e-5)
+    # greedy batched sampling follows the guided argmax, position by position
+    ids = sample_batch(model, 2, Sampling(0.0, 0), torch.Generator().manual_seed(0), start, scale)
+    with torch.no_grad():
+        again = prior_mod.guided_logits(model(ids, torch.full((2,), start)), model(ids), scale)
+    assert torch.equal(again.argmax(-1), ids)

@@ -128,6 +128,14 @@ class TokenPrior(nn.Module):
         return out
 
 
+def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho and Salimans; LlamaGen's class-conditional sampling): the
+    unconditional logits moved ``scale`` times the way the condition moves them (1: the
+    conditional prior as it is; > 1 follows the condition more closely, at some diversity)."""
+    return unconditional + scale * (conditional - unconditional)
+
+
 def _float64(prior: TokenPrior) -> TokenPrior:
     """A float64 copy of the prior, made once (coding runs in float64; priors that code are
     loaded ones, whose weights do not change)."""

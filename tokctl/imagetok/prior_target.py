@@ -17,18 +17,21 @@ from __future__ import annotations
 import torch
 
 from tokctl.decode.target import Target, tree_positions_and_mask
-from tokctl.imagetok.prior import TokenPrior
+from tokctl.imagetok.prior import TokenPrior, guided_logits
 from tokctl.kernels.tree_attention import allowed_mask
 
 
 class PriorTarget(Target):
     backend = "prior"
 
-    def __init__(self, prior: TokenPrior, source: str = "prior"):
+    def __init__(self, prior: TokenPrior, source: str = "prior", guidance: float = 1.0):
         # BOS + max_tokens - 1 inputs predict max_tokens ids; the last id is never an input.
         super().__init__(prior, None, vocab_size=prior.vocab, max_positions=prior.max_tokens + 1)
         self.source = source
         self.bos = prior.vocab
+        # Classifier-free guidance for a conditional prior's sequences (prior.guided_logits): every
+        # forward also runs the sequence started by BOS instead of its cluster, as a second row.
+        self.guidance = float(guidance)
         self.caches: list[list] = []
         # The prior's forward is ~1 ms, so each step's Python and tensor-building work counts:
         # the modules are looked up once, and the one-token step (ar, a draft model's chain)
@@ -57,11 +60,14 @@ class PriorTarget(Target):
             # random sequences (budget.measure); the cost of a step does not depend on them.
             pos = self._pos[(self.length + depth).clamp(max=last)]
         x = (self._embed(tokens) + pos)[None]
+        if self.guidance != 1:  # row 1: the unconditional sequence (a cluster's start id -> BOS)
+            x = torch.cat([x, (self._embed(tokens.clamp(max=self.bos)) + pos)[None]])
         for block, cache in zip(self._blocks, self.caches):
             x = block(x, cache, mask)
         if last_only:
             x = x[:, -1:]
-        return self._head(self._norm(x))[0]
+        logits = self._head(self._norm(x))
+        return logits[0] if self.guidance == 1 else guided_logits(logits[0], logits[1], self.guidance)
 
     def _keep(self, keep):
         if keep == list(range(len(keep))):

@@ -9,7 +9,8 @@ the drafting methods and LANTERN (method=lantern) are timed the same way.
 ``condition=c`` samples from a cluster-conditional prior (prior_train.py, clusters.py): every
 sequence starts with cluster c's id, and ``cluster_match`` reports the share of images whose own
 colour layout is nearest to cluster c (beside ``cluster_share``, c's share of the training crops:
-what an unconditional prior would score).
+what an unconditional prior would score). ``guidance`` > 1 samples with classifier-free guidance
+(the prior is trained with condition dropout, so it also predicts unconditionally).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tokctl.console import progress_bar
 from tokctl.errors import UserError
 from tokctl.imagetok import tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
-from tokctl.imagetok.prior import TokenPrior, load_prior, prior_for
+from tokctl.imagetok.prior import TokenPrior, guided_logits, load_prior, prior_for
 
 
 def load_pair(tokenizer_path, prior_path, conditional: bool = False):
@@ -83,28 +84,33 @@ def load_draft(tok, path):
 
 
 @torch.no_grad()
-def sample_batch(prior: TokenPrior, b: int, sampling, generator, start: int | None = None
-                 ) -> torch.Tensor:
+def sample_batch(prior: TokenPrior, b: int, sampling, generator, start: int | None = None,
+                 guidance: float = 1.0) -> torch.Tensor:
     """(b, max_tokens) ids drawn together, one position a step over the prior's cache, after the
-    start id ``start`` (default BOS)."""
+    start id ``start`` (default BOS); ``guidance`` != 1 runs each sequence from BOS too, as b more
+    rows, for classifier-free guidance."""
     from tokctl.decode.sampling import probs
 
     caches = [[] for _ in prior.blocks]
-    prev = torch.full((b, 1), prior.vocab if start is None else start, dtype=torch.long)
+    rows = 2 * b if guidance != 1 else b
+    prev = torch.full((rows, 1), prior.vocab if start is None else start, dtype=torch.long)
+    prev[b:] = prior.vocab
     out = torch.zeros(b, prior.max_tokens, dtype=torch.long)
     for i in range(prior.max_tokens):
-        p = probs(prior.step_logits(prev, i, caches), sampling)
-        out[:, i] = torch.multinomial(p, 1, generator=generator)[:, 0]
-        prev = out[:, i:i + 1]
+        logits = prior.step_logits(prev, i, caches)
+        if guidance != 1:
+            logits = guided_logits(logits[:b], logits[b:], guidance)
+        out[:, i] = torch.multinomial(probs(logits, sampling), 1, generator=generator)[:, 0]
+        prev = out[:, i:i + 1].repeat(rows // b, 1)
     return out
 
 
-def engine(method, tok, prior, draft=None):
+def engine(method, tok, prior, draft=None, guidance: float = 1.0):
     """``method`` set up on the prior as a decoding-engine target (``draft``: a smaller prior
-    for the methods that need a draft model)."""
+    for the methods that need a draft model; ``guidance``: classifier-free guidance)."""
     from tokctl.imagetok.prior_target import PriorSource, PriorTarget
 
-    target = PriorTarget(prior.model)
+    target = PriorTarget(prior.model, guidance=guidance)
     if draft is not None:
         draft = PriorSource(f"tokctl-prior:{draft.hash:06x}", draft.model)
     loaded = PriorSource(f"tokctl-prior:{prior.hash:06x}", prior.model, draft)
@@ -143,7 +149,8 @@ def write_images(run, tok, ids: np.ndarray, columns=None, grid_max: int = 64) ->
 
 
 def generate(method, target, prior, n: int, settings, generator, batch: int = 1,
-             advance=None, condition: int | None = None) -> tuple[np.ndarray, list[list[int]], float]:
+             advance=None, condition: int | None = None,
+             guidance: float = 1.0) -> tuple[np.ndarray, list[list[int]], float]:
     """``n`` token sequences: (ids (n, max_tokens), tokens accepted per target step of each,
     seconds spent generating)."""
     ids, accepted, seconds = [], [], 0.0
@@ -152,7 +159,7 @@ def generate(method, target, prior, n: int, settings, generator, batch: int = 1,
         start = time.perf_counter()
         if target is None:
             rows = sample_batch(prior.model, min(batch, n - len(ids)), settings.sampling,
-                                generator, first).numpy()
+                                generator, first, guidance).numpy()
             steps = [[1] * prior.model.max_tokens] * len(rows)
         else:
             g = method.generate([first], settings, generator)
@@ -178,6 +185,9 @@ def run(cfg, run) -> dict:
         raise UserError(f"condition={condition}: " + (
             f"this prior has clusters 0..{prior.model.conditions - 1}" if prior.model.conditions
             else f"{prior.path} is unconditional (train one with prior.conditions=N)"))
+    guidance = float(cfg.get("guidance", 1.0))
+    if guidance != 1 and condition is None:
+        raise UserError(f"guidance={guidance} guides a condition: give condition= too")
     method = build_method(cfg.method)
     sampling = Sampling(float(cfg.temperature), int(cfg.top_k), float(cfg.top_p))
     settings = Settings(max_new_tokens=prior.model.max_tokens, sampling=sampling)
@@ -186,7 +196,7 @@ def run(cfg, run) -> dict:
     if draft and condition is not None and draft.model.conditions != prior.model.conditions:
         raise UserError(f"condition={condition} with a draft prior needs a draft trained with the "
                         f"same prior.conditions={prior.model.conditions} (give draft_prior_path=)")
-    target = None if batched else engine(method, tok, prior, draft)
+    target = None if batched else engine(method, tok, prior, draft, guidance)
     run.update_env(tokenizer=str(tok.path), tokenizer_hash=f"{tok.hash:06x}",
                    prior=str(prior.path), prior_hash=f"{prior.hash:06x}",
                    **({"draft_prior": str(draft.path), "draft_prior_hash": f"{draft.hash:06x}"}
@@ -194,10 +204,11 @@ def run(cfg, run) -> dict:
     gen = torch.Generator().manual_seed(int(cfg.seed))
     with progress_bar(f"sample ({method.name})", n) as advance:
         ids, accepted, seconds = generate(method, target, prior, n, settings, gen, batch, advance,
-                                          condition)
+                                          condition, guidance)
     method.finish()  # e.g. recycling's matrix_path
     images = write_images(run, tok, ids, cfg.grid_columns)
-    clusters = {} if condition is None else cluster_match(prior.model, images, int(condition))
+    clusters = {} if condition is None else {
+        **cluster_match(prior.model, images, int(condition)), "guidance": guidance}
     for i, steps in enumerate(accepted):
         run.append_sample({"image": i, "file": f"tokens/{i:04d}.tok", "target_steps": len(steps),
                            "mean_accepted": sum(steps) / len(steps)})
