@@ -100,6 +100,39 @@ def score(args) -> None:
     (folder / f"fid_{n}.json").write_text(json.dumps(rows, indent=1))
 
 
+def plot(args) -> None:
+    """speedup_vs_ar (a lantern_figures.py figures.json) against FID and recall (a score's
+    fid_N.json): one point per set, the `ar` sets as the reference lines."""
+    from tokctl.plots import _pyplot, _save
+
+    speed = {r["method"].replace(" ", "_"): r for r in json.loads(Path(args.speed).read_text())["rows"]}
+    scores = [r for r in json.loads(Path(args.fid).read_text()) if "precision" in r]
+    suffix = "" if args.against == "refs" else f"_vs_{args.against}"
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, name in zip(axes, ("fid", "recall"), ("FID", "recall")):
+        refs = []
+        for r in scores:
+            label = r["set"].replace("_[batched]", "")
+            if label.startswith("ar"):
+                refs.append((label.replace("_", " "), r[key + suffix]))
+                continue
+            row = speed.get(label)
+            if row is None:
+                continue
+            ax.scatter(row["speedup_vs_ar"], r[key + suffix], s=18)
+            ax.annotate(label.replace("lantern_", "").replace("_budget", "").replace("_", " "),
+                        (row["speedup_vs_ar"], r[key + suffix]), fontsize=6)
+        for label, y in refs:  # after the points, so that the axis spans them
+            ax.axhline(y, color="grey", ls="--", lw=1)
+            ax.annotate(label, (ax.get_xlim()[0], y), fontsize=7, color="grey")
+        ax.set_xlabel("speedup over ar (images/s, same run)")
+        ax.set_ylabel(f"{name} against {'the crops' if not suffix else 'their reconstructions'}")
+    fig.suptitle(f"LANTERN: speed against quality ({scores[0]['images']} images a set)")
+    _save(fig, Path(args.out))
+    print(args.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -119,8 +152,13 @@ def main() -> None:
                    help="reference feature sets: refs (the crops), recon (their reconstructions)")
     s.add_argument("--also", nargs="*", default=[],
                    help="more folders to read feats_<set>.npy from (sets extracted elsewhere)")
+    pl = sub.add_parser("plot")
+    pl.add_argument("--speed", required=True, help="figures.json of bench/lantern_figures.py")
+    pl.add_argument("--fid", required=True, help="fid_N.json of score")
+    pl.add_argument("--against", default="refs", choices=["refs", "recon"])
+    pl.add_argument("--out", required=True)
     args = ap.parse_args()
-    extract(args) if args.cmd == "extract" else score(args)
+    {"extract": extract, "score": score, "plot": plot}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ def engine(method, tok, prior, draft=None, guidance: float = 1.0):
     target = PriorTarget(prior.model, guidance=guidance)
     if draft is not None:
         draft = PriorSource(f"tokctl-prior:{draft.hash:06x}", draft.model)
-    loaded = PriorSource(f"tokctl-prior:{prior.hash:06x}", prior.model, draft)
+    # the name keys the measured verify costs (budget.py): a guided forward runs two rows
+    guided = "" if guidance == 1 else f"+guidance{guidance:g}"
+    loaded = PriorSource(f"tokctl-prior:{prior.hash:06x}{guided}", prior.model, draft)
     loaded.code_vectors = code_vectors(tok)
     method.setup(target, loaded)
     return target
