@@ -39,9 +39,11 @@ FOLDERS = ["/usr/share/backgrounds", "/usr/share/wallpapers"]
 
 def method_for(spec: str):
     """A row: ``ar`` or ``ar:SEED``, ``recycling``, ``lookup``, ``draft`` or ``draft:N`` (a
-    smaller prior drafting chains of at most N), ``lantern:DELTA,K[,BASE[,probs]]`` (BASE
-    recycling by default, or ``draft:N``: chains of N; ``probs``: draft_probs=true). Returns
-    (label, method, seed)."""
+    smaller prior drafting chains of at most N), ``lantern:DELTA,K[,BASE[,probs][,budgetN]]``
+    (BASE recycling by default; ``probs``: draft_probs=true; ``budgetN``: the base drafts N nodes
+    a step, a draft model's chains N long, instead of its ``auto`` budget, whose choice follows
+    the measured costs: LANTERN's decoded law depends on the drafts' shape, so figures of quality
+    need it fixed). Returns (label, method, seed)."""
     name, _, arg = spec.partition(":")
     if name == "ar":
         return (f"ar (seed {arg})" if arg else "ar"), Autoregressive(), int(arg or 1)
@@ -57,10 +59,11 @@ def method_for(spec: str):
         delta, k, *rest = arg.split(",")
         base = rest[0] if rest else "recycling"
         probs = "probs" in rest[1:]
+        budget = next((int(r[6:]) for r in rest[1:] if r.startswith("budget")), None)
+        base_args = None if budget is None else {"budget": budget, **(
+            {"max_tokens": budget} if base == "draft" else {})}
         label = f"lantern d={delta} k={k}" + ("" if base == "recycling" else f" {base}") + \
-            (" probs" if probs else "")
-        base, _, chain = base.partition(":")
-        base_args = {"max_tokens": int(chain), "budget": int(chain)} if chain else {}
+            (" probs" if probs else "") + ("" if budget is None else f" budget {budget}")
         return label, Lantern(base=base, k=int(k), delta=float(delta), draft_probs=probs,
                               base_args=base_args), 1
     raise SystemExit(f"unknown row {spec!r}")

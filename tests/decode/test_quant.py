@@ -96,6 +96,9 @@ def test_prepack_choice():
     assert prepack_applies(_bf16_llama(layers=1), "auto")
     assert not prepack_applies(_bf16_llama(layers=1), "false")
     assert not prepack_applies(_bf16_llama(layers=1), "auto", quant="int8")
+    assert not prepack_applies(_bf16_llama(layers=1), "auto", compiled=True)
+    with pytest.raises(ValueError, match="cannot be compiled"):
+        prepack_applies(_bf16_llama(layers=1), "true", compiled=True)
 
 
 @pytest.mark.parametrize("fmt", ["plain", "int8", "prepacked"])

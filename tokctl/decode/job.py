@@ -242,14 +242,9 @@ def run(cfg, run) -> dict[str, Any]:
         loaded.info["quant"] = quant
     from tokctl.models.quant import prepack, prepack_applies
 
-    prepack_mode = str(cfg.model.get("prepack", "auto")).lower()
-    if cfg.get("compile", False) and prepack_mode != "false":
-        if prepack_mode == "true":
-            raise UserError("model.prepack=true cannot be compiled: compile=true packs the weights "
-                            "itself (Inductor freezing); drop model.prepack or set it to auto")
-        prepack_mode = "false"
     try:
-        packed = prepack_applies(loaded.model, prepack_mode, quant)
+        packed = prepack_applies(loaded.model, str(cfg.model.get("prepack", "auto")).lower(), quant,
+                                 compiled=bool(cfg.get("compile", False)))
     except ValueError as e:
         raise UserError(str(e)) from None
     if packed:

@@ -54,30 +54,45 @@ class PriorBlock(Block):
 
 
 class TokenPrior(nn.Module):
-    """p(t_i | t_<i) over ``vocab`` code ids for sequences of at most ``max_tokens``."""
+    """p(t_i | t_<i) over ``vocab`` code ids for sequences of at most ``max_tokens``; with
+    ``conditions`` > 0, also p(t_i | t_<i, c) for a cluster c of the training crops (clusters.py):
+    the sequence then starts with the id ``vocab + 1 + c`` instead of BOS (LlamaGen's class
+    token), and the centroids the clusters were defined by travel with the weights."""
 
     def __init__(self, vocab: int, max_tokens: int, width: int = 128, layers: int = 3,
-                 heads: int = 4):
+                 heads: int = 4, conditions: int = 0):
         super().__init__()
-        self.vocab, self.max_tokens = int(vocab), int(max_tokens)
-        self.embed = nn.Embedding(self.vocab + 1, width)  # id ``vocab`` is BOS
+        self.vocab, self.max_tokens, self.conditions = int(vocab), int(max_tokens), int(conditions)
+        # id ``vocab`` is BOS (unconditional), ``vocab + 1 + c`` starts a sequence of cluster c
+        self.embed = nn.Embedding(self.vocab + 1 + self.conditions, width)
+        if self.conditions:
+            from tokctl.imagetok.clusters import FEATURES
+
+            self.register_buffer("centroids", torch.zeros(self.conditions, FEATURES))
+            self.register_buffer("cluster_share", torch.zeros(self.conditions))
         self.pos = nn.Parameter(torch.randn(self.max_tokens, width) * 0.02)
         self.blocks = nn.ModuleList(PriorBlock(width, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, self.vocab)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, n) ids -> (B, n, vocab) logits; position i predicts token i from tokens < i."""
+    def start_id(self, condition: int | None = None) -> int:
+        """The id a sequence starts with: BOS, or cluster ``condition``'s start id."""
+        return self.vocab if condition is None else self.vocab + 1 + int(condition)
+
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n) ids -> (B, n, vocab) logits; position i predicts token i from tokens < i.
+        ``start`` (B,): each sequence's first id (default BOS, i.e. unconditional)."""
         b, n = tokens.shape
-        bos = torch.full((b, 1), self.vocab, dtype=torch.long, device=tokens.device)
-        x = self.embed(torch.cat([bos, tokens[:, :-1]], 1)) + self.pos[:n]
+        first = (torch.full((b, 1), self.vocab, dtype=torch.long, device=tokens.device)
+                 if start is None else start.view(b, 1).long())
+        x = self.embed(torch.cat([first, tokens[:, :-1]], 1)) + self.pos[:n]
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
 
-    def loss_bits(self, tokens: torch.Tensor) -> torch.Tensor:
+    def loss_bits(self, tokens: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n) -> (n,) mean bits per token at each position (cross-entropy in bits)."""
-        logits = self.forward(tokens)
+        logits = self.forward(tokens, start)
         ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
         return ce.mean(0) / np.log(2)
 
@@ -111,6 +126,14 @@ class TokenPrior(nn.Module):
             ids = tokens[:, i] if tokens is not None else decode_step(i, probs)
             prev = torch.as_tensor(np.asarray(ids, dtype=np.int64)).view(b, 1)
         return out
+
+
+def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho and Salimans; LlamaGen's class-conditional sampling): the
+    unconditional logits moved ``scale`` times the way the condition moves them (1: the
+    conditional prior as it is; > 1 follows the condition more closely, at some diversity)."""
+    return unconditional + scale * (conditional - unconditional)
 
 
 def _float64(prior: TokenPrior) -> TokenPrior:

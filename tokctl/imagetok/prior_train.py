@@ -7,6 +7,11 @@ prior learns them by next-token cross-entropy (AdamW, warm-up then cosine). ``ch
 every ``train.checkpoint_every`` steps and on an interruption; ``resume=RUN_DIR`` continues in a
 new run folder from its checkpoint and tokens. ``prior.pt`` (fp16) is written at the end: copy it
 to tokctl/imagetok/weights/NAME.prior.pt to ship it.
+
+``prior.conditions=N`` trains a cluster-conditional prior (clusters.py): the training crops are
+clustered by colour layout (k-means, N clusters), each sequence starts with its cluster's id, and
+a share ``train.condition_dropout`` of them starts with BOS instead, so the same prior also
+samples (and codes) unconditionally.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from omegaconf import OmegaConf
 from tokctl.console import progress_bar
 from tokctl.errors import UserError
 from tokctl.imagetok.checkpoint import load_tokenizer
+from tokctl.imagetok.clusters import colour_layout, kmeans, nearest
 from tokctl.imagetok.data import CropSampler, warn_skipped
 from tokctl.imagetok.prior import FORMAT, build_prior, save_prior
 from tokctl.imagetok.tokfile import bits_for
@@ -36,14 +42,18 @@ def _lr(step: int, t) -> float:
 
 
 @torch.no_grad()
-def crop_tokens(tok, sampler: CropSampler, n: int, advance=None, batch: int = 64) -> torch.Tensor:
-    out = []
+def crop_tokens(tok, sampler: CropSampler, n: int, advance=None,
+                batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (n, max_tokens), colour layouts (n, clusters.FEATURES)) of ``n`` random crops."""
+    out, layouts = [], []
     while sum(len(o) for o in out) < n:
         images = sampler.batch(min(batch, n - sum(len(o) for o in out)))
         out.append(tok.model.encode(images))
+        layouts.append(colour_layout(images))
         if advance:
             advance(len(images))
-    return torch.cat(out).to(torch.int16 if tok.model.codebook_size < 2 ** 15 else torch.int64)
+    ids = torch.cat(out).to(torch.int16 if tok.model.codebook_size < 2 ** 15 else torch.int64)
+    return ids, torch.cat(layouts)
 
 
 def _load_checkpoint(path: str) -> dict:
@@ -67,9 +77,12 @@ def run(cfg, run: Run) -> dict:
     model_cfg = resume["prior"] if resume else {
         "vocab": tok.model.codebook_size, "max_tokens": tok.model.max_tokens,
         **OmegaConf.to_container(cfg.prior, resolve=True)}
+    conditions = int(model_cfg.get("conditions") or 0)  # ranges checked by the config's #: marks
+    dropout = float(t.get("condition_dropout", 0.1))
     prior = build_prior(model_cfg)
     if resume:
         train_tokens, val_tokens = resume["train_tokens"], resume["val_tokens"]
+        train_labels, val_labels = resume.get("train_labels"), resume.get("val_labels")
     else:
         size = tok.model.image_size
         sampler = CropSampler(list(cfg.data.folders), size, max_side=int(cfg.data.max_side),
@@ -79,9 +92,20 @@ def run(cfg, run: Run) -> dict:
         val_sampler = CropSampler([], size, seed=12345, photos=sampler.photos)
         n, nv = int(cfg.data.crops), int(cfg.data.val_crops)
         with progress_bar("tokens of training crops", n + nv) as advance:
-            train_tokens = crop_tokens(tok, sampler, n, advance)
-            val_tokens = crop_tokens(tok, val_sampler, nv, advance)
+            train_tokens, train_layouts = crop_tokens(tok, sampler, n, advance)
+            val_tokens, val_layouts = crop_tokens(tok, val_sampler, nv, advance)
         run.update_env(photos=len(sampler.photos), images_skipped=len(sampler.skipped))
+        train_labels = val_labels = None
+        if conditions:
+            try:
+                prior.centroids.copy_(kmeans(train_layouts, conditions,
+                                             torch.Generator().manual_seed(int(cfg.seed))))
+            except ValueError as e:
+                raise UserError(f"prior.conditions={conditions}: {e}") from None
+            train_labels = nearest(train_layouts, prior.centroids)
+            val_labels = nearest(val_layouts, prior.centroids)
+            prior.cluster_share.copy_(torch.bincount(train_labels, minlength=conditions)
+                                      / len(train_labels))
     opt = torch.optim.AdamW(prior.parameters(), lr=t.lr, betas=(0.9, 0.98),
                             weight_decay=t.weight_decay)
     gen = torch.Generator().manual_seed(int(cfg.seed))
@@ -102,17 +126,34 @@ def run(cfg, run: Run) -> dict:
                            "optimizer": opt.state_dict(), "step": step,
                            "generator": gen.get_state(), "tokenizer_path": str(tok.path),
                            "tokenizer_hash": tok.hash, "train_tokens": train_tokens,
-                           "val_tokens": val_tokens}, run.file("checkpoint.pt"))
+                           "val_tokens": val_tokens, "train_labels": train_labels,
+                           "val_labels": val_labels}, run.file("checkpoint.pt"))
+
+    def starts(labels: torch.Tensor | None, drop: float = 0.0) -> torch.Tensor | None:
+        """Each sequence's first id: its cluster's, or BOS for a share ``drop`` of them."""
+        if labels is None:
+            return None
+        ids = labels + prior.vocab + 1
+        if drop:
+            ids = torch.where(torch.rand(len(ids), generator=gen) < drop, prior.vocab, ids)
+        return ids
 
     @torch.no_grad()
     def validate() -> dict:
         prior.eval()
-        bits = torch.stack([prior.loss_bits(v.long()) for v in val_tokens.split(256)]).mean(0)
-        prior.train()
-        out = {"val_bits_per_token": float(bits.mean()), "raw_bits_per_token": raw_bits}
+        def bits(labels):
+            return torch.stack([prior.loss_bits(v.long(), starts(lab)) for v, lab in zip(
+                val_tokens.split(256), labels.split(256) if labels is not None
+                else [None] * len(val_tokens.split(256)))]).mean(0)
+
+        plain = bits(None)
+        out = {"val_bits_per_token": float(plain.mean()), "raw_bits_per_token": raw_bits}
         for n in (8, 16, 32, 64, 128):
-            if n <= len(bits):
-                out[f"val_bits@{n}"] = float(bits[:n].mean())
+            if n <= len(plain):
+                out[f"val_bits@{n}"] = float(plain[:n].mean())
+        if val_labels is not None:  # given each crop's cluster
+            out["val_bits_per_token_conditional"] = float(bits(val_labels).mean())
+        prior.train()
         return out
 
     if not resume:  # the tokens cost minutes: a checkpoint keeps them from the start
@@ -127,7 +168,9 @@ def run(cfg, run: Run) -> dict:
                 for g in opt.param_groups:
                     g["lr"] = _lr(step, t)
                 idx = torch.randint(len(train_tokens), (int(t.batch_size),), generator=gen)
-                loss = prior.loss_bits(train_tokens[idx].long()).mean()
+                loss = prior.loss_bits(train_tokens[idx].long(),
+                                       starts(None if train_labels is None else train_labels[idx],
+                                              dropout)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if t.grad_clip:

@@ -114,11 +114,15 @@ def fuse_linears(layers: list[nn.Module]) -> nn.Module:
     return fused
 
 
-def prepack_applies(model: nn.Module, prepack: str, quant: str = "none") -> bool:
+def prepack_applies(model: nn.Module, prepack: str, quant: str = "none", compiled: bool = False) -> bool:
     """Whether ``model.prepack`` (auto | true | false) packs this model: auto packs bf16 weights
-    on a CPU whose oneDNN has bf16 kernels, unless another weight format was chosen."""
+    on a CPU whose oneDNN has bf16 kernels, unless another weight format was chosen or the step
+    is compiled (Inductor's freezing packs the weights itself and cannot lower packed ones)."""
     if prepack not in PREPACK:
         raise ValueError(f"model.prepack={prepack}: choose one of {', '.join(PREPACK)}")
+    if compiled and prepack == "true":
+        raise ValueError("model.prepack=true cannot be compiled: compile=true packs the weights "
+                         "itself (Inductor freezing); drop model.prepack or set it to auto")
     weight = model.get_output_embeddings().weight
     usable = (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
               and quant in (None, "none") and torch.backends.mkldnn.is_available()
@@ -126,7 +130,7 @@ def prepack_applies(model: nn.Module, prepack: str, quant: str = "none") -> bool
     if prepack == "true" and not usable:
         raise ValueError("model.prepack=true packs bfloat16 weights on a CPU with oneDNN bf16 "
                          "kernels (model.dtype=bfloat16 model.device=cpu model.quant=none)")
-    return usable and prepack != "false"
+    return usable and prepack != "false" and not compiled
 
 
 def _replace_linears(model: nn.Module, make) -> None:
