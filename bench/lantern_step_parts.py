@@ -3,7 +3,7 @@ thread) of each part of a step, per step, for `ar` and the speculative methods t
 engine (tokctl/imagetok/prior_target.py).
 
     OMP_NUM_THREADS=1 nice -n 19 python bench/lantern_step_parts.py --images 30 \\
-        --rows ar lantern:0.2,4,draft:8,probs draft:6
+        --rows ar lantern:0.2,4,draft,probs,budget8 draft:6
 
 Rows as in lantern_figures.py. Parts: for `ar` the target's one-token step and the draw; for a
 speculative method the proposal (with, for a draft model, its one-token steps, its catch-up on
@@ -50,7 +50,7 @@ def timed(obj, name: str, key: str, acc: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=30)
-    ap.add_argument("--rows", nargs="*", default=["ar", "lantern:0.2,4,draft:8,probs"])
+    ap.add_argument("--rows", nargs="*", default=["ar", "lantern:0.2,4,draft,probs,budget8"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     tok, prior = load_pair(None, None)
