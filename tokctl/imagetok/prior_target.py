@@ -52,10 +52,10 @@ def _block(x: torch.Tensor, weights: tuple, kv: torch.Tensor, start: int,
            mask: torch.Tensor | None) -> torch.Tensor:
     """PriorBlock.forward for ``n`` new rows of each of the cache's ``b`` sequences, ``x``
     (b * n, width), at positions ``start``.. : their keys and values are written into ``kv``
-    (2, b, heads, capacity, head width) in place, and they attend to every entry before them (``mask``, (n, start + n),
-    True = may attend: the causal or tree mask among the new rows; None: all). Attention runs
-    on 4-d (batch 1) tensors: SDPA's fused CPU kernel takes those (3-d ones go to a slower
-    path, twice the time here)."""
+    (2, b, heads, capacity, head width) in place, and they attend to every entry before them
+    (``mask``, (n, start + n): True or 0 = may attend; the causal or tree mask among the new
+    rows; None: all). Attention runs on 4-d tensors: SDPA's fused CPU kernel takes those (3-d
+    ones go to a slower path, twice the time here)."""
     (n1w, n1b, eps1), qkv_lin, proj_lin, (n2w, n2b, eps2), in_lin, out_lin, heads = weights
     b = kv.shape[1]
     n, width = x.shape[0] // b, x.shape[1]
