@@ -21,8 +21,9 @@ from tokctl.errors import UserError
 from tokctl.imagetok import baselines, fid, tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
 from tokctl.imagetok import prior as prior_mod
-from tokctl.imagetok.codec import (PriorLookup, decode_files, encode_images, read_token_bytes,
-                                   smaller_file)
+from tokctl.imagetok import rdo
+from tokctl.imagetok.codec import (PriorLookup, decode_files, encode_images, image_ids,
+                                   read_token_bytes, smaller_file)
 from tokctl.imagetok.data import eval_images, to_image, to_tensor
 from tokctl.imagetok.models.base import prefix_budgets
 from tokctl.imagetok.losses import ms_ssim_per_image, psnr_per_image, ssim_per_image
@@ -135,6 +136,7 @@ def run(cfg, run: Run) -> dict:
                           f"({sets} sets of reconstructions x {per_set:.1f} s); rfid=false skips "
                           f"it[/]", soft_wrap=True)
     repeats = int(cfg.speed_repeats)
+    rate_lambda = rdo.check_rate_lambda(cfg.get("rate_lambda") or 0.0)
     labels: list[str] = []
 
     def record(codec: str, recon: torch.Tensor, sizes: list[int], extra: dict) -> dict:
@@ -158,6 +160,11 @@ def run(cfg, run: Run) -> dict:
             model = tok.model
             budgets = token_budgets(model, cfg.budgets if i == 0 else None)
             coder = _prior_of(cfg, tok, first=i == 0)
+            if i == 0:  # the first tokenizer must be able to (later ones without a prior skip it)
+                rdo.check_rate_aware(model, coder, rate_lambda)
+            lam = rate_lambda if coder is not None else 0.0
+            # the +prior rows' ids: rate-aware ones (rate_lambda > 0) differ from the plain rows'
+            coded_tokens = image_ids(tok, pil, model.max_tokens, coder, lam) if lam else None
             model.quantizer.reset_usage()
             files_full = encode_images(tok, pil, model.max_tokens)
             usage = model.quantizer.usage()
@@ -177,26 +184,34 @@ def run(cfg, run: Run) -> dict:
                          "reencode_agreement": agreement,
                          "bits_per_token": float(tokfile.bits_for(model.codebook_size))}
                 if coder is not None:
-                    coded = _coded(tok, coder, tokens, n, size)
+                    coded = _coded(tok, coder, tokens if coded_tokens is None else coded_tokens,
+                                   n, size)
                     extra.update(coded_bytes_per_image=float(np.mean(coded["sizes"])),
                                  coded_bits_per_token=coded["bits_per_token"])
                 entry = record(label, recon, [len(b) for b in blobs], extra)
                 if coder is not None:
-                    record(f"{label}+prior", recon, coded["sizes"],
+                    coded_recon = recon if coded_tokens is None else torch.stack([
+                        to_tensor(im) for im in decode_files(tok, [
+                            tokfile.TokenFile(kind, tok.hash, size, size, t[:, :n])
+                            for t in coded_tokens])])
+                    record(f"{label}+prior", coded_recon, coded["sizes"],
                            {**extra, "bits_per_token": coded["bits_per_token"],
                             "ideal_bits_per_token": coded["ideal_bits_per_token"],
                             "prior": f"{coder.hash:06x}", "coded_round_trip": coded["round_trip"],
-                            "files_coded": coded["files_coded"],
+                            "files_coded": coded["files_coded"], "rate_lambda": lam,
+                            "changed_tokens": 0.0 if coded_tokens is None else float(np.mean(
+                                [(c[:, :n] != t[:, :n]).mean()
+                                 for c, t in zip(coded_tokens, tokens)])),
                             "reencode_agreement": entry["reencode_agreement"]})
                 if n == model.max_tokens:
                     encoders[label] = (lambda tok=tok, pil=pil, n=n: encode_images(tok, pil, n))
                     decoders[label] = (lambda tok=tok, parsed=parsed: decode_files(tok, parsed))
                     if coder is not None:  # through real coded files: coding and decoding the ids
-                        coded_files = encode_images(tok, pil, n, coder)
+                        coded_files = encode_images(tok, pil, n, coder, lam)
                         lookup = PriorLookup(coder.path)
                         encoders[f"{label}+prior"] = (
-                            lambda tok=tok, pil=pil, n=n, coder=coder: encode_images(tok, pil, n,
-                                                                                     coder))
+                            lambda tok=tok, pil=pil, n=n, coder=coder, lam=lam: encode_images(
+                                tok, pil, n, coder, lam))
                         decoders[f"{label}+prior"] = (
                             lambda tok=tok, files=coded_files, lookup=lookup: decode_files(
                                 tok, [read_token_bytes(tok, b, lookup) for b in files]))
