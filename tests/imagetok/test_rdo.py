@@ -12,6 +12,7 @@ from tokctl.imagetok import prior as prior_mod
 from tokctl.imagetok import rdo
 from tokctl.imagetok.codec import PriorLookup, encode_images, read_token_bytes
 from tokctl.imagetok.data import to_image
+from tests.imagetok.conftest import make_tiny
 
 
 def test_lambda_zero_gives_the_tokenizers_own_ids(tiny_prior, images):
@@ -23,11 +24,14 @@ def test_lambda_zero_gives_the_tokenizers_own_ids(tiny_prior, images):
     assert np.array_equal(ids[..., 0], direct) and (dist.argmin(-1) == 0).all()
 
 
-@pytest.mark.parametrize("lam", [0.3, 2.0])
-def test_each_choice_minimises_its_objective_given_the_prefix(tiny_prior, images, lam):
+@pytest.mark.parametrize("lam,mixer", [(0.3, "attention"), (2.0, "attention"), (0.3, "linear")])
+def test_each_choice_minimises_its_objective_given_the_prefix(tiny_prior, images, lam, mixer):
     tok, prior = tiny_prior
-    chosen = rdo.choose_ids(tok.model, prior.model, images, 6, lam)
-    ids, dist = rdo.candidates(tok.model.quantizer, tok.model.encode_latents(images))
+    # the linear mixer has a token metric (weighted distances); the prior only needs its vocab
+    model = tok.model if mixer == "attention" else make_tiny("onedpiece", mixer="linear")[0]
+    chosen = rdo.choose_ids(model, prior.model, images, 6, lam)
+    ids, dist = rdo.candidates(model.quantizer, model.encode_latents(images),
+                               model.token_metric())
     assert (chosen != ids[..., 0]).any()  # the rate term did move some tokens off the nearest
     probs = prior.model.coding_probabilities(chosen, 6)  # the coder's own, given the chosen prefix
     for b in range(len(images)):
@@ -36,7 +40,7 @@ def test_each_choice_minimises_its_objective_given_the_prefix(tiny_prior, images
             mine = list(ids[b, i]).index(chosen[b, i])
             assert cost[mine] <= cost.min() + 1e-12
     # every chosen id is within one level of the nearest code in each dimension
-    levels = tok.model.quantizer.levels_list
+    levels = model.quantizer.levels_list
     for a, c in zip(ids[..., 0].ravel(), chosen.ravel()):
         da = [(a // int(np.prod(levels[:k]))) % lv for k, lv in enumerate(levels)]
         dc = [(c // int(np.prod(levels[:k]))) % lv for k, lv in enumerate(levels)]
@@ -93,3 +97,29 @@ def test_bad_lambdas_and_combinations_are_one_line_errors(tiny_prior, tmp_path):
         rdo.choose_ids(tok.model, prior.model,
                        torch.tensor(np.asarray(Image.open(img)), dtype=torch.float32)
                        .permute(2, 0, 1)[None] / 255, 6, 0.1))
+
+
+def test_the_linear_mixers_metric_is_the_change_of_the_decoders_grid():
+    """token_metric: moving token i by d moves the linear mixer's grid by d^T G_i d (one scale
+    for every token and direction), and the candidates' distances are weighted by it."""
+    model, _ = make_tiny("onedpiece", mixer="linear")
+    g = model.token_metric()
+    assert g.shape == (6, 3, 3)
+    torch.manual_seed(0)
+    x = torch.rand(1, 6, 3) * 2 - 1
+    keep = torch.tensor([6])
+    with torch.no_grad():
+        base = model.decode_grid(x, keep)
+        ratios = []
+        for i in range(6):
+            d = torch.randn(3) * 0.1
+            moved = x.clone()
+            moved[0, i] += d
+            change = (model.decode_grid(moved, keep) - base).pow(2).sum().double()
+            ratios.append(float(change / (d.double() @ g[i] @ d.double())))
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-4)
+    lat = model.encode_latents(torch.rand(2, 3, 32, 32))
+    _, plain = rdo.candidates(model.quantizer, lat)
+    _, weighted = rdo.candidates(model.quantizer, lat, g)
+    assert weighted.shape == plain.shape and not np.allclose(plain, weighted)
+    assert make_tiny("onedpiece")[0].token_metric() is None  # attention mixer: latent distance
