@@ -10,7 +10,7 @@ from tokctl.cli import app
 from tokctl.errors import UserError
 from tokctl.imagetok import prior as prior_mod
 from tokctl.imagetok import rdo
-from tokctl.imagetok.codec import PriorLookup, encode_images, read_token_bytes
+from tokctl.imagetok.codec import PriorLookup, encode_images, rate_aware_file, read_token_bytes
 from tokctl.imagetok.data import to_image
 from tests.imagetok.conftest import make_tiny
 
@@ -68,9 +68,20 @@ def test_rate_aware_files_round_trip_and_are_deterministic(tiny_prior, images):
     assert blobs == encode_images(tok, pil, 6, prior, rate_lambda=0.3)
     assert encode_images(tok, pil, 6, prior, rate_lambda=0.0) == encode_images(tok, pil, 6, prior)
     chosen = rdo.choose_ids(tok.model, prior.model, images, 6, 0.3)
+    nearest = tok.model.encode(images).numpy()
     lookup = PriorLookup(prior.path)
-    for blob, row in zip(blobs, chosen):
-        assert np.array_equal(read_token_bytes(tok, blob, lookup).tokens[0], row)
+    for blob, row, near in zip(blobs, chosen, nearest):
+        tf = read_token_bytes(tok, blob, lookup)
+        # a coded file holds the rate-aware ids; one that came out plain (no bytes to save)
+        # holds the nearest ids
+        assert np.array_equal(tf.tokens[0], row if tf.prior_hash is not None else near)
+    # three tokens a tile: 3 plain bytes, fewer than the prior's 3 header bytes and any payload,
+    # so the file stays plain, and other ids than the nearest would only cost distortion
+    near = np.ascontiguousarray(nearest[:1, :3])
+    other = near.copy()
+    other[0, 1] = (other[0, 1] + 1) % 64
+    blob, held = rate_aware_file(tok, prior, 32, 32, near, other)
+    assert held is near and blob == encode_images(tok, pil[:1], 3)[0]
 
 
 def test_bad_lambdas_and_combinations_are_one_line_errors(tiny_prior, tmp_path):

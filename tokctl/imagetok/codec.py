@@ -111,8 +111,22 @@ def encode_images(tok: LoadedTokenizer, images: list[Image.Image], tokens: int,
     tokenizer's input size, ``tokens`` ids a tile (:func:`image_ids`), arithmetic-coded under
     ``prior`` (a LoadedPrior) when one is given and that makes the file smaller, else plain
     bits."""
-    return [smaller_file(tok, prior, im.size[0], im.size[1], ids)
-            for im, ids in zip(images, image_ids(tok, images, tokens, prior, rate_lambda))]
+    chosen = image_ids(tok, images, tokens, prior, rate_lambda)
+    nearest = image_ids(tok, images, tokens) if rate_lambda > 0 else chosen
+    return [rate_aware_file(tok, prior, im.size[0], im.size[1], near, ids)[0]
+            for im, near, ids in zip(images, nearest, chosen)]
+
+
+def rate_aware_file(tok: LoadedTokenizer, prior, width: int, height: int, nearest: np.ndarray,
+                    chosen: np.ndarray, payload: Optional[bytes] = None
+                    ) -> tuple[bytes, np.ndarray]:
+    """The token file of the rate-aware ids ``chosen`` (:func:`smaller_file`), unless it comes
+    out plain: then their distortion would buy no bytes, and the file holds the ``nearest``
+    ids, plain. Returns the file and the ids it holds."""
+    blob = smaller_file(tok, prior, width, height, chosen, payload)
+    if chosen is nearest or tokfile.read_header(blob)[0].prior_hash is not None:
+        return blob, chosen
+    return smaller_file(tok, None, width, height, nearest), nearest
 
 
 def smaller_file(tok: LoadedTokenizer, prior, width: int, height: int, ids: np.ndarray,

@@ -23,7 +23,7 @@ from tokctl.imagetok.checkpoint import load_tokenizer
 from tokctl.imagetok import prior as prior_mod
 from tokctl.imagetok import rdo
 from tokctl.imagetok.codec import (PriorLookup, decode_files, encode_images, image_ids,
-                                   read_token_bytes, smaller_file)
+                                   rate_aware_file, read_token_bytes)
 from tokctl.imagetok.data import eval_images, to_image, to_tensor
 from tokctl.imagetok.models.base import prefix_budgets
 from tokctl.imagetok.losses import ms_ssim_per_image, psnr_per_image, ssim_per_image
@@ -71,16 +71,23 @@ def _prior_of(cfg, tok, first: bool):
     return prior_mod.prior_for(tok.hash, cfg.get("prior_path") if first else None)
 
 
-def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int) -> dict:
+def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int,
+           chosen: list[np.ndarray] | None = None) -> dict:
     """Each image's token file as encode writes it with the prior (coded, or plain where that
     is smaller): real sizes; bits per token of the coder's bytes (headers left out) against the
-    ideal -log2 p; how many files came out coded; whether every file decodes back to its ids."""
-    sizes, payload_bits, ideal, ok, n_coded = [], 0, 0.0, True, 0
+    ideal -log2 p; how many files came out coded; whether every file decodes back to its ids.
+    ``chosen``: rate-aware ids, written unless their file comes out plain (then the nearest
+    ``tokens``, as encode does); ``held`` says which ids each file holds."""
+    sizes, payload_bits, ideal, ok, n_coded, held = [], 0, 0.0, True, 0, []
     lookup = PriorLookup(coder.path)
-    for t in tokens:
-        ids = np.ascontiguousarray(t[:, :n])
+    for i, t in enumerate(tokens):
+        near = np.ascontiguousarray(t[:, :n])
+        ids = near if chosen is None else np.ascontiguousarray(chosen[i][:, :n])
         payload = prior_mod.encode_ids(coder.model, ids)
-        blob = smaller_file(tok, coder, size, size, ids, payload)
+        blob, held_ids = rate_aware_file(tok, coder, size, size, near, ids, payload)
+        if held_ids is not ids:  # the nearest ids, plain: their coded length is the one to count
+            ids, payload = held_ids, prior_mod.encode_ids(coder.model, held_ids)
+        held.append(ids)
         n_coded += tokfile.read_header(blob)[0].prior_hash is not None
         sizes.append(len(blob))
         payload_bits += 8 * len(payload)
@@ -89,7 +96,8 @@ def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int) -> dict:
         ok &= bool(np.array_equal(read_token_bytes(tok, blob, lookup).tokens, ids))
     count = sum(t.shape[0] for t in tokens) * n
     return {"sizes": sizes, "bits_per_token": payload_bits / count,
-            "ideal_bits_per_token": ideal / count, "round_trip": ok, "files_coded": n_coded}
+            "ideal_bits_per_token": ideal / count, "round_trip": ok, "files_coded": n_coded,
+            "held": held}
 
 
 def run(cfg, run: Run) -> dict:
@@ -184,24 +192,22 @@ def run(cfg, run: Run) -> dict:
                          "reencode_agreement": agreement,
                          "bits_per_token": float(tokfile.bits_for(model.codebook_size))}
                 if coder is not None:
-                    coded = _coded(tok, coder, tokens if coded_tokens is None else coded_tokens,
-                                   n, size)
+                    coded = _coded(tok, coder, tokens, n, size, coded_tokens)
                     extra.update(coded_bytes_per_image=float(np.mean(coded["sizes"])),
                                  coded_bits_per_token=coded["bits_per_token"])
                 entry = record(label, recon, [len(b) for b in blobs], extra)
                 if coder is not None:
                     coded_recon = recon if coded_tokens is None else torch.stack([
                         to_tensor(im) for im in decode_files(tok, [
-                            tokfile.TokenFile(kind, tok.hash, size, size, t[:, :n])
-                            for t in coded_tokens])])
+                            tokfile.TokenFile(kind, tok.hash, size, size, t)
+                            for t in coded["held"]])])
                     record(f"{label}+prior", coded_recon, coded["sizes"],
                            {**extra, "bits_per_token": coded["bits_per_token"],
                             "ideal_bits_per_token": coded["ideal_bits_per_token"],
                             "prior": f"{coder.hash:06x}", "coded_round_trip": coded["round_trip"],
                             "files_coded": coded["files_coded"], "rate_lambda": lam,
-                            "changed_tokens": 0.0 if coded_tokens is None else float(np.mean(
-                                [(c[:, :n] != t[:, :n]).mean()
-                                 for c, t in zip(coded_tokens, tokens)])),
+                            "changed_tokens": float(np.mean(
+                                [(c != t[:, :n]).mean() for c, t in zip(coded["held"], tokens)])),
                             "reencode_agreement": entry["reencode_agreement"]})
                 if n == model.max_tokens:
                     encoders[label] = (lambda tok=tok, pil=pil, n=n: encode_images(tok, pil, n))
