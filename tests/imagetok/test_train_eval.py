@@ -213,3 +213,20 @@ def test_eval_coded_files_at_a_larger_size(tiny_prior, photo_folder, tmp_path):
     assert set(m["speed"]) == {"onedpiece", "onedpiece+prior", "jpeg"}
     jpeg = next(e for e in m["entries"] if e["codec"] == "jpeg")
     assert jpeg["bytes_per_image"] > 100  # a 40x40 JPEG, headers and all
+
+
+def test_eval_rate_aware_rows(tiny_prior, photo_folder, tmp_path):
+    """rate_lambda > 0: the +prior rows hold the rate-aware ids (their own reconstructions, files
+    that decode back to them); the plain rows keep the nearest codes."""
+    tok, prior = tiny_prior
+    m, _ = _eval(tok.path, photo_folder, tmp_path, f"prior_path={prior.path}", "codecs=[jpeg]",
+                 "rfid=false", "budgets=[3,6]", "rate_lambda=100")
+    raw = [e for e in m["entries"] if e["codec"] == "onedpiece"]
+    coded = [e for e in m["entries"] if e["codec"] == "onedpiece+prior"]
+    for r, c in zip(raw, coded):
+        assert c["coded_round_trip"] and c["rate_lambda"] == 100
+        assert c["bytes_per_image"] == r["coded_bytes_per_image"]
+    assert coded[-1]["changed_tokens"] > 0 and coded[-1]["ssim"] != raw[-1]["ssim"]
+    with pytest.raises(UserError, match="rate_lambda"):
+        compose(JOBS["tokenize-image eval"].conf, JOBS["tokenize-image eval"].config_name,
+                ["rate_lambda=-1"])

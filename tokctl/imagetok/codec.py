@@ -25,7 +25,7 @@ from PIL import Image
 from tokctl.console import console, err_console
 from tokctl.errors import UserError
 from tokctl.imagetok import prior as prior_mod
-from tokctl.imagetok import tokfile
+from tokctl.imagetok import rdo, tokfile
 from tokctl.imagetok.checkpoint import EMBEDDED, LoadedTokenizer, load_tokenizer
 from tokctl.imagetok.data import IMAGE_SUFFIXES, open_rgb, to_image
 
@@ -80,22 +80,53 @@ def assemble(tiles: torch.Tensor, width: int, height: int) -> Image.Image:
 
 
 @torch.no_grad()
-def encode_images(tok: LoadedTokenizer, images: list[Image.Image], tokens: int,
-                  prior=None) -> list[bytes]:
-    """RGB images of any size -> token file bytes (version 2): each image as tiles of the
-    tokenizer's input size, ``tokens`` ids a tile, arithmetic-coded under ``prior`` (a
-    LoadedPrior) when one is given and that makes the file smaller, else plain bits."""
+def image_ids(tok: LoadedTokenizer, images: list[Image.Image], tokens: int, prior=None,
+              rate_lambda: float = 0.0) -> list[np.ndarray]:
+    """RGB images of any size -> each image's ids (tiles, ``tokens``): tiles of the tokenizer's
+    input size, nearest codes, or with ``rate_lambda`` > 0 (and a prior) the codes chosen for
+    distortion + rate_lambda * coded bits under ``prior`` (rdo.py)."""
+    rdo.check_rate_aware(tok.model, prior, rate_lambda)
     size = tok.model.image_size
     per_image = [image_tiles(im, size) for im in images]
     flat = torch.cat(per_image) if per_image else torch.zeros(0, 3, size, size)
-    ids = torch.cat([tok.model.encode(flat[i:i + BATCH])[:, :tokens]
+
+    def ids_of(batch: torch.Tensor) -> torch.Tensor:
+        if rate_lambda > 0:
+            return torch.from_numpy(rdo.choose_ids(tok.model, prior.model, batch, tokens,
+                                                   rate_lambda))
+        return tok.model.encode(batch)[:, :tokens]
+
+    ids = torch.cat([ids_of(flat[i:i + BATCH])
                      for i in range(0, len(flat), BATCH)]).numpy() if len(flat) else None
     out, start = [], 0
-    for im, tiles in zip(images, per_image):
-        mine = ids[start:start + len(tiles)]
+    for tiles in per_image:
+        out.append(ids[start:start + len(tiles)])
         start += len(tiles)
-        out.append(smaller_file(tok, prior, im.size[0], im.size[1], mine))
     return out
+
+
+def encode_images(tok: LoadedTokenizer, images: list[Image.Image], tokens: int,
+                  prior=None, rate_lambda: float = 0.0) -> list[bytes]:
+    """RGB images of any size -> token file bytes (version 2): each image as tiles of the
+    tokenizer's input size, ``tokens`` ids a tile (:func:`image_ids`), arithmetic-coded under
+    ``prior`` (a LoadedPrior) when one is given and that makes the file smaller, else plain
+    bits."""
+    chosen = image_ids(tok, images, tokens, prior, rate_lambda)
+    nearest = image_ids(tok, images, tokens) if rate_lambda > 0 else chosen
+    return [rate_aware_file(tok, prior, im.size[0], im.size[1], near, ids)[0]
+            for im, near, ids in zip(images, nearest, chosen)]
+
+
+def rate_aware_file(tok: LoadedTokenizer, prior, width: int, height: int, nearest: np.ndarray,
+                    chosen: np.ndarray, payload: Optional[bytes] = None
+                    ) -> tuple[bytes, np.ndarray]:
+    """The token file of the rate-aware ids ``chosen`` (:func:`smaller_file`), unless it comes
+    out plain: then their distortion would buy no bytes, and the file holds the ``nearest``
+    ids, plain. Returns the file and the ids it holds."""
+    blob = smaller_file(tok, prior, width, height, chosen, payload)
+    if chosen is nearest or tokfile.read_header(blob)[0].prior_hash is not None:
+        return blob, chosen
+    return smaller_file(tok, None, width, height, nearest), nearest
 
 
 def smaller_file(tok: LoadedTokenizer, prior, width: int, height: int, ids: np.ndarray,
@@ -212,7 +243,13 @@ def encode_command(images: List[Path] = typer.Argument(..., help="Images to enco
                                                             help=TOKENIZER_HELP),
                    prior: Optional[Path] = typer.Option(None, "--prior", "-p", help=PRIOR_HELP),
                    raw: bool = typer.Option(False, "--raw",
-                                            help="Plain ids (fixed bits each), no prior.")) -> None:
+                                            help="Plain ids (fixed bits each), no prior."),
+                   rate_lambda: float = typer.Option(
+                       0.0, "--rate-lambda", "-l",
+                       help="Rate-aware encoding: each token may take a code one level away "
+                            "from the nearest when that saves coded bits, minimising latent "
+                            "distortion + LAMBDA x bits under the prior (0: nearest codes; "
+                            "README: figures).")) -> None:
     """Encode images of any size into token files (one IMAGE.tok per image): each image as tiles
     of the tokenizer's input size, their ids arithmetic-coded under the token prior when there
     is one for the tokenizer (else, or with --raw, plain bits)."""
@@ -220,7 +257,12 @@ def encode_command(images: List[Path] = typer.Argument(..., help="Images to enco
     n = check_budget(tok, tokens)
     if raw and prior is not None:
         raise UserError("--raw and --prior: choose one (plain ids, or ids coded under a prior)")
+    rate_lambda = rdo.check_rate_lambda(rate_lambda, "--rate-lambda")
+    if raw and rate_lambda > 0:
+        raise UserError("--raw and --rate-lambda: rate-aware encoding weighs the prior's coded "
+                        "bits; plain ids have none to save")
     coder = None if raw else prior_mod.prior_for(tok.hash, prior)
+    rdo.check_rate_aware(tok.model, coder, rate_lambda, "--rate-lambda")
     if coder is not None and n > coder.model.max_tokens:
         raise UserError(f"--tokens {n}: the prior models at most {coder.model.max_tokens} tokens")
     _make_out(out)
@@ -234,7 +276,8 @@ def encode_command(images: List[Path] = typer.Argument(..., help="Images to enco
     taken: set[str] = set()
     for start in range(0, len(opened), BATCH):
         chunk = opened[start:start + BATCH]
-        for (path, _), data in zip(chunk, encode_images(tok, [im for _, im in chunk], n, coder)):
+        for (path, _), data in zip(chunk, encode_images(tok, [im for _, im in chunk], n, coder,
+                                                        rate_lambda)):
             target = _unique(out, path.stem, ".tok", taken)
             _write(target, data)
             console.print(f"{target}  {len(data)} bytes", soft_wrap=True, highlight=False)

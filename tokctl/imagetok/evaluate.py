@@ -21,8 +21,9 @@ from tokctl.errors import UserError
 from tokctl.imagetok import baselines, fid, tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
 from tokctl.imagetok import prior as prior_mod
-from tokctl.imagetok.codec import (PriorLookup, decode_files, encode_images, read_token_bytes,
-                                   smaller_file)
+from tokctl.imagetok import rdo
+from tokctl.imagetok.codec import (PriorLookup, decode_files, encode_images, image_ids,
+                                   rate_aware_file, read_token_bytes)
 from tokctl.imagetok.data import eval_images, to_image, to_tensor
 from tokctl.imagetok.models.base import prefix_budgets
 from tokctl.imagetok.losses import ms_ssim_per_image, psnr_per_image, ssim_per_image
@@ -70,16 +71,23 @@ def _prior_of(cfg, tok, first: bool):
     return prior_mod.prior_for(tok.hash, cfg.get("prior_path") if first else None)
 
 
-def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int) -> dict:
+def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int,
+           chosen: list[np.ndarray] | None = None) -> dict:
     """Each image's token file as encode writes it with the prior (coded, or plain where that
     is smaller): real sizes; bits per token of the coder's bytes (headers left out) against the
-    ideal -log2 p; how many files came out coded; whether every file decodes back to its ids."""
-    sizes, payload_bits, ideal, ok, n_coded = [], 0, 0.0, True, 0
+    ideal -log2 p; how many files came out coded; whether every file decodes back to its ids.
+    ``chosen``: rate-aware ids, written unless their file comes out plain (then the nearest
+    ``tokens``, as encode does); ``held`` says which ids each file holds."""
+    sizes, payload_bits, ideal, ok, n_coded, held = [], 0, 0.0, True, 0, []
     lookup = PriorLookup(coder.path)
-    for t in tokens:
-        ids = np.ascontiguousarray(t[:, :n])
+    for i, t in enumerate(tokens):
+        near = np.ascontiguousarray(t[:, :n])
+        ids = near if chosen is None else np.ascontiguousarray(chosen[i][:, :n])
         payload = prior_mod.encode_ids(coder.model, ids)
-        blob = smaller_file(tok, coder, size, size, ids, payload)
+        blob, held_ids = rate_aware_file(tok, coder, size, size, near, ids, payload)
+        if held_ids is not ids:  # the nearest ids, plain: their coded length is the one to count
+            ids, payload = held_ids, prior_mod.encode_ids(coder.model, held_ids)
+        held.append(ids)
         n_coded += tokfile.read_header(blob)[0].prior_hash is not None
         sizes.append(len(blob))
         payload_bits += 8 * len(payload)
@@ -88,7 +96,8 @@ def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int) -> dict:
         ok &= bool(np.array_equal(read_token_bytes(tok, blob, lookup).tokens, ids))
     count = sum(t.shape[0] for t in tokens) * n
     return {"sizes": sizes, "bits_per_token": payload_bits / count,
-            "ideal_bits_per_token": ideal / count, "round_trip": ok, "files_coded": n_coded}
+            "ideal_bits_per_token": ideal / count, "round_trip": ok, "files_coded": n_coded,
+            "held": held}
 
 
 def run(cfg, run: Run) -> dict:
@@ -135,6 +144,7 @@ def run(cfg, run: Run) -> dict:
                           f"({sets} sets of reconstructions x {per_set:.1f} s); rfid=false skips "
                           f"it[/]", soft_wrap=True)
     repeats = int(cfg.speed_repeats)
+    rate_lambda = rdo.check_rate_lambda(cfg.get("rate_lambda") or 0.0)
     labels: list[str] = []
 
     def record(codec: str, recon: torch.Tensor, sizes: list[int], extra: dict) -> dict:
@@ -158,6 +168,11 @@ def run(cfg, run: Run) -> dict:
             model = tok.model
             budgets = token_budgets(model, cfg.budgets if i == 0 else None)
             coder = _prior_of(cfg, tok, first=i == 0)
+            if i == 0:  # the first tokenizer must be able to (later ones without a prior skip it)
+                rdo.check_rate_aware(model, coder, rate_lambda)
+            lam = rate_lambda if coder is not None else 0.0
+            # the +prior rows' ids: rate-aware ones (rate_lambda > 0) differ from the plain rows'
+            coded_tokens = image_ids(tok, pil, model.max_tokens, coder, lam) if lam else None
             model.quantizer.reset_usage()
             files_full = encode_images(tok, pil, model.max_tokens)
             usage = model.quantizer.usage()
@@ -177,26 +192,32 @@ def run(cfg, run: Run) -> dict:
                          "reencode_agreement": agreement,
                          "bits_per_token": float(tokfile.bits_for(model.codebook_size))}
                 if coder is not None:
-                    coded = _coded(tok, coder, tokens, n, size)
+                    coded = _coded(tok, coder, tokens, n, size, coded_tokens)
                     extra.update(coded_bytes_per_image=float(np.mean(coded["sizes"])),
                                  coded_bits_per_token=coded["bits_per_token"])
                 entry = record(label, recon, [len(b) for b in blobs], extra)
                 if coder is not None:
-                    record(f"{label}+prior", recon, coded["sizes"],
+                    coded_recon = recon if coded_tokens is None else torch.stack([
+                        to_tensor(im) for im in decode_files(tok, [
+                            tokfile.TokenFile(kind, tok.hash, size, size, t)
+                            for t in coded["held"]])])
+                    record(f"{label}+prior", coded_recon, coded["sizes"],
                            {**extra, "bits_per_token": coded["bits_per_token"],
                             "ideal_bits_per_token": coded["ideal_bits_per_token"],
                             "prior": f"{coder.hash:06x}", "coded_round_trip": coded["round_trip"],
-                            "files_coded": coded["files_coded"],
+                            "files_coded": coded["files_coded"], "rate_lambda": lam,
+                            "changed_tokens": float(np.mean(
+                                [(c != t[:, :n]).mean() for c, t in zip(coded["held"], tokens)])),
                             "reencode_agreement": entry["reencode_agreement"]})
                 if n == model.max_tokens:
                     encoders[label] = (lambda tok=tok, pil=pil, n=n: encode_images(tok, pil, n))
                     decoders[label] = (lambda tok=tok, parsed=parsed: decode_files(tok, parsed))
                     if coder is not None:  # through real coded files: coding and decoding the ids
-                        coded_files = encode_images(tok, pil, n, coder)
+                        coded_files = encode_images(tok, pil, n, coder, lam)
                         lookup = PriorLookup(coder.path)
                         encoders[f"{label}+prior"] = (
-                            lambda tok=tok, pil=pil, n=n, coder=coder: encode_images(tok, pil, n,
-                                                                                     coder))
+                            lambda tok=tok, pil=pil, n=n, coder=coder, lam=lam: encode_images(
+                                tok, pil, n, coder, lam))
                         decoders[f"{label}+prior"] = (
                             lambda tok=tok, files=coded_files, lookup=lookup: decode_files(
                                 tok, [read_token_bytes(tok, b, lookup) for b in files]))

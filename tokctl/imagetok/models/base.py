@@ -50,6 +50,13 @@ class ImageTokenizer(nn.Module):
         """A training loss term of the last forward pass beyond reconstruction (none here)."""
         return None
 
+    def token_metric(self) -> torch.Tensor | None:
+        """(num_latents, dim, dim) positive semi-definite matrices G_i such that changing latent i
+        by d changes what the decoder reads by about d^T G_i d, scaled to a mean trace of dim;
+        None where no such fixed metric exists (rate-aware encoding, rdo.py, then measures plain
+        latent distance)."""
+        return None
+
     def predict_proxy_codes(self, latents: torch.Tensor, keep: torch.Tensor) -> None:
         """Decode as far as a proxy tokenizer's codes, not to pixels (TiTok's first stage)."""
         raise NotImplementedError(f"{self.name} has no proxy tokenizer")

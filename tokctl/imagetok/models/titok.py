@@ -93,6 +93,19 @@ class TiTok(ImageTokenizer):
             self.latents_to_grid = nn.Linear(num_latents * (quantizer.dim + 1), n_patches * r)
             self.grid_widen = nn.Linear(r, width)
 
+    def token_metric(self) -> torch.Tensor | None:
+        """With the linear mixer the feature grid is a bias plus one linear pattern per kept
+        token (TokensToGrid), so a change d of token i moves the grid by exactly M_i d:
+        G_i = M_i^T M_i. The first tokens draw far larger patterns than the last (a 30-fold
+        spread in the shipped default), which plain latent distance ignores."""
+        if self.mixer != "linear":
+            return None
+        dim = self.quantizer.dim
+        w = self.tokens_to_grid.proj.weight.detach().double()
+        m = w.view(w.shape[0], self.num_latents, dim + 1)[..., :dim].transpose(0, 1)  # (L, C, dim)
+        g = m.transpose(1, 2) @ m
+        return g / (g.diagonal(dim1=1, dim2=2).sum(-1).mean() / dim)
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         if self.proxy is None or not self.proxy_loss:
             return None

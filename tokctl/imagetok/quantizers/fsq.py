@@ -33,6 +33,11 @@ class FSQ(Quantizer):
         shift = torch.atanh(offset / half)
         return torch.tanh(z + shift) * half - offset
 
+    def bounded(self, z: torch.Tensor) -> torch.Tensor:
+        """The continuous value of each dimension in level units, before rounding (float32):
+        rounding it gives the code; rate-aware encoding (rdo.py) also weighs its neighbours."""
+        return self._bound(z.float())
+
     def relax(self, z: torch.Tensor) -> torch.Tensor:
         return self._bound(z.float()).to(z.dtype) / (self.levels // 2)
 
