@@ -289,7 +289,17 @@ def sweep_signals(kind: str, sweep_dir: Path, stop: list[int]):
                 except (OSError, KeyError, TypeError):
                     pass
 
+    def record(signum, frame):  # noqa: ARG001
+        stop.append(signum)
+        (sweep_dir / STOP).touch()
+
     old = signal.signal(signal.SIGTERM, forward)
+    # The block covers this thread only: a SIGINT the kernel hands to another thread of this
+    # process (one a library started earlier) still runs Python's handler here, which by default
+    # raises KeyboardInterrupt wherever the launcher's code is (submitit's wait loop may swallow
+    # it: the sweep then ended "finished" with interrupted points). Recording it instead keeps
+    # the outcome the same whichever thread takes the signal.
+    old_int = signal.signal(signal.SIGINT, record)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
@@ -297,6 +307,7 @@ def sweep_signals(kind: str, sweep_dir: Path, stop: list[int]):
         if signal.SIGINT in signal.sigpending():
             stop.append(signal.sigwait({signal.SIGINT}))
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old)
 
 
