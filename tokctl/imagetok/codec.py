@@ -247,9 +247,9 @@ def encode_command(images: List[Path] = typer.Argument(..., help="Images to enco
                    rate_lambda: float = typer.Option(
                        0.0, "--rate-lambda", "-l",
                        help="Rate-aware encoding: each token may take a code one level away "
-                            "from the nearest when that saves coded bits, minimising latent "
-                            "distortion + LAMBDA x bits under the prior (0: nearest codes; "
-                            "README: figures).")) -> None:
+                            "from the nearest when that saves coded bits, minimising the "
+                            "distortion the decoder sees + LAMBDA x bits under the prior "
+                            "(0: nearest codes; README: figures).")) -> None:
     """Encode images of any size into token files (one IMAGE.tok per image): each image as tiles
     of the tokenizer's input size, their ids arithmetic-coded under the token prior when there
     is one for the tokenizer (else, or with --raw, plain bits)."""
