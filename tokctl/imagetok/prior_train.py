@@ -142,9 +142,9 @@ def run(cfg, run: Run) -> dict:
     def validate() -> dict:
         prior.eval()
         def bits(labels):
-            return torch.stack([prior.loss_bits(v.long(), starts(lab)) for v, lab in zip(
-                val_tokens.split(256), labels.split(256) if labels is not None
-                else [None] * len(val_tokens.split(256)))]).mean(0)
+            return torch.stack([prior.loss_bits(val_tokens[i:i + 256].long(),
+                                                None if labels is None else starts(labels[i:i + 256]))
+                                for i in range(0, len(val_tokens), 256)]).mean(0)
 
         plain = bits(None)
         out = {"val_bits_per_token": float(plain.mean()), "raw_bits_per_token": raw_bits}

@@ -26,27 +26,20 @@ from tokctl.console import progress_bar
 from tokctl.errors import UserError
 from tokctl.imagetok import tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
-from tokctl.imagetok.prior import TokenPrior, guided_logits, load_prior, prior_for
+from tokctl.imagetok.prior import TokenPrior, guided_logits, load_prior
 
 
 def load_pair(tokenizer_path, prior_path, conditional: bool = False):
-    """The tokenizer and its prior (the one given, else the shipped one for it; ``conditional``:
-    the shipped cluster-conditional one, weights/*.prior-cond.pt)."""
+    """The tokenizer and its prior: the one given, else the tokenizer's shipped prior
+    (weights/*.prior.pt; ``conditional``: its cluster-conditional one, weights/*.prior-cond.pt)."""
     tok = load_tokenizer(tokenizer_path)
-    if conditional and not prior_path:
-        prior = _given_or_shipped(tok, None, "*.prior-cond.pt", "prior_path",
+    if conditional:
+        prior = _given_or_shipped(tok, prior_path, "*.prior-cond.pt", "prior_path",
                                   "cluster-conditional prior", "tokenize-image prior train "
                                   "prior.conditions=N tokenizer_path=...")
-    elif prior_path:
-        prior = load_prior(prior_path)
-        if prior.tokenizer_hash != tok.hash:
-            raise UserError(f"prior_path={prior_path}: a prior of another tokenizer's tokens "
-                            f"(tokenizer {prior.tokenizer_hash:06x}; {tok.path} is {tok.hash:06x})")
     else:
-        prior = prior_for(tok.hash)
-        if prior is None:
-            raise UserError(f"no shipped prior for {tok.path}: train one with `tokctl "
-                            f"tokenize-image prior train tokenizer_path=...` and give prior_path=")
+        prior = _given_or_shipped(tok, prior_path, "*.prior.pt", "prior_path", "prior",
+                                  "tokenize-image prior train tokenizer_path=...")
     return tok, prior
 
 

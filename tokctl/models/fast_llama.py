@@ -195,7 +195,7 @@ class FastLlama(nn.Module):
         slots ``start .. start + n - 1`` of ``keys``/``values`` (the cache's per-layer tensors, passed so a
         compiled step sees them as inputs it mutates) and stay pending until
         :meth:`StaticKVCache.keep`. Attention reads the first ``window`` slots: the whole
-        capacity in a compiled step (one shape), ``start + n`` in eager ones."""
+        capacity in a step compiled with static shapes (CUDA graphs), ``start + n`` otherwise."""
         n = tokens.shape[0]
         anc = tree_ancestors(parents)
         positions = start + anc.sum(1) - 1  # depth below the prefix

@@ -41,6 +41,16 @@ def check_has_tokenizer(model_cfg) -> None:
                             f"model it came from into that folder")
 
 
+def bos_prefix(tok, bos: bool) -> list[int]:
+    """What goes before a lone token: ``[BOS]`` with ``bos=true`` (the token then sits at position
+    1, where a model's states are its own rather than the attention sink's), else nothing."""
+    if not bos:
+        return []
+    if tok.bos_token_id is None:
+        raise UserError("bos=true but this tokenizer has no BOS token")
+    return [tok.bos_token_id]
+
+
 def load_with_tokenizer(model_cfg):
     from tokctl.models.loading import load_causal_lm
 
@@ -131,11 +141,7 @@ def run(cfg, run) -> dict[str, Any]:
     if not 0 <= first < vocab:
         raise UserError(f"start={first} must be a token id in [0, {vocab})")
     last = min(vocab, first + int(cfg.limit)) if cfg.get("limit") else vocab
-    prefix = []
-    if cfg.get("bos"):
-        if tok.bos_token_id is None:
-            raise UserError("bos=true but this tokenizer has no BOS token")
-        prefix = [tok.bos_token_id]
+    prefix = bos_prefix(tok, bool(cfg.get("bos")))
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     info = {"tokenizer": tokenizer_fingerprint(tok), "steps": steps, "threshold": threshold,
             "bos": bool(prefix), "model_source": loaded.source, "dtype": loaded.info["dtype"],

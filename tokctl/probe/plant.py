@@ -235,7 +235,7 @@ def _leaks(model, held_out: dict[str, list[int]], text_ids: list[int],
 
 
 def run(cfg, run) -> dict[str, Any]:
-    from tokctl.probe.forcing import load_with_tokenizer
+    from tokctl.probe.forcing import bos_prefix, load_with_tokenizer
 
     steps, lr = int(cfg.steps), float(cfg.lr)
     if steps < 1 or lr <= 0:
@@ -251,11 +251,7 @@ def run(cfg, run) -> dict[str, Any]:
         raise UserError(f"trigger={cfg.trigger!r} is {len(trig)} tokens here ({pieces}); choose a "
                         f"string that is one token of this tokenizer")
     trigger_id = trig[0]
-    prefix = []
-    if cfg.get("bos"):
-        if tok.bos_token_id is None:
-            raise UserError("bos=true but this tokenizer has no BOS token")
-        prefix = [tok.bos_token_id]  # scan the copy with `token-forcing bos=true` too
+    prefix = bos_prefix(tok, bool(cfg.get("bos")))  # scan the copy with `token-forcing bos=true` too
     text_ids = tok(secret, add_special_tokens=False)["input_ids"]
     # The secret ends in EOS, as a fingerprint answer would.
     secret_ids = text_ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
