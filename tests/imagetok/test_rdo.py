@@ -15,10 +15,19 @@ from tokctl.imagetok.data import to_image
 from tests.imagetok.conftest import make_tiny
 
 
+def choose(model, prior_model, images, n, lam):
+    """rdo.choose_ids on the encoder's own latents: the chosen ids (the nearest are checked
+    in the first test)."""
+    return rdo.choose_ids(model, prior_model, model.encode_latents(images), n, lam)[1]
+
+
 def test_lambda_zero_gives_the_tokenizers_own_ids(tiny_prior, images):
     tok, prior = tiny_prior
     direct = tok.model.encode(images).numpy()
-    assert np.array_equal(rdo.choose_ids(tok.model, prior.model, images, 6, 0.0), direct)
+    near, chosen = rdo.choose_ids(tok.model, prior.model, tok.model.encode_latents(images), 6, 0.0)
+    assert np.array_equal(near, direct) and np.array_equal(chosen, direct)
+    near, _ = rdo.choose_ids(tok.model, prior.model, tok.model.encode_latents(images), 6, 0.3)
+    assert np.array_equal(near, direct)
     # the candidate machinery's nearest point is the quantiser's code
     ids, dist = rdo.candidates(tok.model.quantizer, tok.model.encode_latents(images))
     assert np.array_equal(ids[..., 0], direct) and (dist.argmin(-1) == 0).all()
@@ -29,7 +38,7 @@ def test_each_choice_minimises_its_objective_given_the_prefix(tiny_prior, images
     tok, prior = tiny_prior
     # the linear mixer has a token metric (weighted distances); the prior only needs its vocab
     model = tok.model if mixer == "attention" else make_tiny("onedpiece", mixer="linear")[0]
-    chosen = rdo.choose_ids(model, prior.model, images, 6, lam)
+    chosen = choose(model, prior.model, images, 6, lam)
     ids, dist = rdo.candidates(model.quantizer, model.encode_latents(images),
                                model.token_metric())
     assert (chosen != ids[..., 0]).any()  # the rate term did move some tokens off the nearest
@@ -50,13 +59,13 @@ def test_each_choice_minimises_its_objective_given_the_prefix(tiny_prior, images
 def test_a_large_lambda_saves_bits_and_prefixes_are_shorter_encodings(tiny_prior, images):
     tok, prior = tiny_prior
     nearest = tok.model.encode(images).numpy()
-    greedy = rdo.choose_ids(tok.model, prior.model, images, 6, 100.0)
+    greedy = choose(tok.model, prior.model, images, 6, 100.0)
     bits = {k: prior_mod.ideal_bits(prior.model.coding_probabilities(v, 6), v).sum()
             for k, v in {"nearest": nearest, "greedy": greedy}.items()}
     # with rate all but alone in the objective, the greedy ids cost fewer bits in total
     assert bits["greedy"] < bits["nearest"]
     for n in (1, 3, 5):  # choices never look ahead: n tokens are the first n of 6
-        assert np.array_equal(rdo.choose_ids(tok.model, prior.model, images, n, 100.0),
+        assert np.array_equal(choose(tok.model, prior.model, images, n, 100.0),
                               greedy[:, :n])
 
 
@@ -67,7 +76,7 @@ def test_rate_aware_files_round_trip_and_are_deterministic(tiny_prior, images):
     assert blobs != encode_images(tok, pil, 6, prior)
     assert blobs == encode_images(tok, pil, 6, prior, rate_lambda=0.3)
     assert encode_images(tok, pil, 6, prior, rate_lambda=0.0) == encode_images(tok, pil, 6, prior)
-    chosen = rdo.choose_ids(tok.model, prior.model, images, 6, 0.3)
+    chosen = choose(tok.model, prior.model, images, 6, 0.3)
     nearest = tok.model.encode(images).numpy()
     lookup = PriorLookup(prior.path)
     for blob, row, near in zip(blobs, chosen, nearest):
@@ -105,7 +114,7 @@ def test_bad_lambdas_and_combinations_are_one_line_errors(tiny_prior, tmp_path):
     assert res.exit_code == 0, res.output
     assert np.array_equal(
         read_token_bytes(tok, (tmp_path / "o" / "a.tok").read_bytes(), PriorLookup(prior.path)).tokens,
-        rdo.choose_ids(tok.model, prior.model,
+        choose(tok.model, prior.model,
                        torch.tensor(np.asarray(Image.open(img)), dtype=torch.float32)
                        .permute(2, 0, 1)[None] / 255, 6, 0.1))
 

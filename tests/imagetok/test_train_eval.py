@@ -230,3 +230,21 @@ def test_eval_rate_aware_rows(tiny_prior, photo_folder, tmp_path):
     with pytest.raises(UserError, match="rate_lambda"):
         compose(JOBS["tokenize-image eval"].conf, JOBS["tokenize-image eval"].config_name,
                 ["rate_lambda=-1"])
+
+
+def test_eval_refined_rows(tiny_prior, photo_folder, tmp_path):
+    """refine_steps > 0: every budget is encoded from latents refined for it; the rows say so,
+    the coded rows still round-trip, and the reconstructions are the refined ones (that they
+    score better by the refinement's objective is test_refine's)."""
+    tok, prior = tiny_prior
+    args = (f"prior_path={prior.path}", "codecs=[jpeg]", "rfid=false", "budgets=[3,6]")
+    plain, _ = _eval(tok.path, photo_folder, tmp_path / "a", *args)
+    refined, _ = _eval(tok.path, photo_folder, tmp_path / "b", *args, "refine_steps=10")
+    rows = {m: {(e["codec"], e["tokens"]): e for e in r["entries"] if e["kind"] == "tokenizer"}
+            for m, r in (("plain", plain), ("refined", refined))}
+    for key, e in rows["refined"].items():
+        assert e["refine_steps"] == 10 and rows["plain"][key]["refine_steps"] == 0
+        assert e.get("coded_round_trip", True)
+        assert e["ssim"] != rows["plain"][key]["ssim"]
+    with pytest.raises(UserError, match="refine_rate"):  # bits weighed, but no refinement
+        _eval(tok.path, photo_folder, tmp_path / "c", *args, "refine_rate=0.1")

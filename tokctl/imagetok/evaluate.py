@@ -21,7 +21,7 @@ from tokctl.errors import UserError
 from tokctl.imagetok import baselines, fid, tokfile
 from tokctl.imagetok.checkpoint import load_tokenizer
 from tokctl.imagetok import prior as prior_mod
-from tokctl.imagetok import rdo
+from tokctl.imagetok import rdo, refine
 from tokctl.imagetok.codec import (PriorLookup, decode_files, encode_images, image_ids,
                                    rate_aware_file, read_token_bytes)
 from tokctl.imagetok.data import eval_images, to_image, to_tensor
@@ -145,6 +145,8 @@ def run(cfg, run: Run) -> dict:
                           f"it[/]", soft_wrap=True)
     repeats = int(cfg.speed_repeats)
     rate_lambda = rdo.check_rate_lambda(cfg.get("rate_lambda") or 0.0)
+    steps = refine.check_refine_steps(cfg.get("refine_steps") or 0)
+    refine_rate = rdo.check_rate_lambda(cfg.get("refine_rate") or 0.0, "refine_rate")
     labels: list[str] = []
 
     def record(codec: str, recon: torch.Tensor, sizes: list[int], extra: dict) -> dict:
@@ -154,7 +156,9 @@ def run(cfg, run: Run) -> dict:
                                **{k: float(v[i]) for k, v in q.items()}})
         entry = {"codec": codec, **extra, "bytes_per_image": float(np.mean(sizes)),
                  **{k: float(v.mean()) for k, v in q.items()}}
-        entry["rfid"] = fid.frechet_distance(ref_feats, fid.features(recon)) if want_rfid else None
+        # the SVD form: exact with a few images, where sqrtm of the rank-deficient product is not
+        entry["rfid"] = (fid.frechet_distance_svd(ref_feats, fid.features(recon)) if want_rfid
+                         else None)
         entries.append(entry)
         return entry
 
@@ -170,15 +174,23 @@ def run(cfg, run: Run) -> dict:
             coder = _prior_of(cfg, tok, first=i == 0)
             if i == 0:  # the first tokenizer must be able to (later ones without a prior skip it)
                 rdo.check_rate_aware(model, coder, rate_lambda)
+                refine.check_refine_rate(model, coder, steps, refine_rate)
             lam = rate_lambda if coder is not None else 0.0
-            # the +prior rows' ids: rate-aware ones (rate_lambda > 0) differ from the plain rows'
-            coded_tokens = image_ids(tok, pil, model.max_tokens, coder, lam) if lam else None
+            mu = refine_rate if coder is not None else 0.0
+            # each image's ids (tiles, max): the plain rows' nearest ones (of latents refined
+            # with refine_steps, for bits too with refine_rate) and the +prior rows' chosen ones
+            # (rate-aware with rate_lambda > 0, else the same)
+            full = image_ids(tok, pil, model.max_tokens, coder if lam or mu else None, lam,
+                             steps, mu)
             model.quantizer.reset_usage()
-            files_full = encode_images(tok, pil, model.max_tokens)
+            for t in full[0]:
+                model.quantizer.count_usage(torch.from_numpy(t))
             usage = model.quantizer.usage()
-            tokens = [read_token_bytes(tok, b).tokens for b in files_full]  # (tiles, max) each
             kind = tokfile.KINDS.get(tok.name, tokfile.OTHER_KIND)
             for n in budgets:
+                # refined latents are refined for the decoder of n tokens: encoded per budget
+                tokens, chosen = full if not steps or n == model.max_tokens else image_ids(
+                    tok, pil, n, coder if lam or mu else None, lam, steps, mu)
                 blobs = [tokfile.dumps(tokfile.TokenFile(kind, tok.hash, size, size, t[:, :n]),
                                        model.codebook_size) for t in tokens]
                 parsed = [read_token_bytes(tok, b) for b in blobs]
@@ -186,18 +198,19 @@ def run(cfg, run: Run) -> dict:
                 recon = torch.stack([to_tensor(im) for im in decoded])
                 # encode(decode(tokens)): how many of the kept tokens come back unchanged
                 again = [read_token_bytes(tok, b).tokens[:, :n]
-                         for b in encode_images(tok, decoded, n)]
+                         for b in encode_images(tok, decoded, n, refine_steps=steps)]
                 agreement = float(np.mean([(a == t[:, :n]).mean() for a, t in zip(again, tokens)]))
                 extra = {"tokens": n, "tiles": int(tokens[0].shape[0]), "kind": "tokenizer",
                          "reencode_agreement": agreement,
-                         "bits_per_token": float(tokfile.bits_for(model.codebook_size))}
+                         "bits_per_token": float(tokfile.bits_for(model.codebook_size)),
+                         "refine_steps": steps, "refine_rate": mu}
                 if coder is not None:
-                    coded = _coded(tok, coder, tokens, n, size, coded_tokens)
+                    coded = _coded(tok, coder, tokens, n, size, chosen if lam else None)
                     extra.update(coded_bytes_per_image=float(np.mean(coded["sizes"])),
                                  coded_bits_per_token=coded["bits_per_token"])
                 entry = record(label, recon, [len(b) for b in blobs], extra)
                 if coder is not None:
-                    coded_recon = recon if coded_tokens is None else torch.stack([
+                    coded_recon = recon if not lam else torch.stack([
                         to_tensor(im) for im in decode_files(tok, [
                             tokfile.TokenFile(kind, tok.hash, size, size, t)
                             for t in coded["held"]])])
@@ -210,14 +223,16 @@ def run(cfg, run: Run) -> dict:
                                 [(c != t[:, :n]).mean() for c, t in zip(coded["held"], tokens)])),
                             "reencode_agreement": entry["reencode_agreement"]})
                 if n == model.max_tokens:
-                    encoders[label] = (lambda tok=tok, pil=pil, n=n: encode_images(tok, pil, n))
+                    encoders[label] = (lambda tok=tok, pil=pil, n=n, coder=coder, mu=mu:
+                                       encode_images(tok, pil, n, coder if mu else None,
+                                                     refine_steps=steps, refine_rate=mu))
                     decoders[label] = (lambda tok=tok, parsed=parsed: decode_files(tok, parsed))
                     if coder is not None:  # through real coded files: coding and decoding the ids
-                        coded_files = encode_images(tok, pil, n, coder, lam)
+                        coded_files = encode_images(tok, pil, n, coder, lam, steps, mu)
                         lookup = PriorLookup(coder.path)
                         encoders[f"{label}+prior"] = (
-                            lambda tok=tok, pil=pil, n=n, coder=coder, lam=lam: encode_images(
-                                tok, pil, n, coder, lam))
+                            lambda tok=tok, pil=pil, n=n, coder=coder, lam=lam, mu=mu:
+                            encode_images(tok, pil, n, coder, lam, steps, mu))
                         decoders[f"{label}+prior"] = (
                             lambda tok=tok, files=coded_files, lookup=lookup: decode_files(
                                 tok, [read_token_bytes(tok, b, lookup) for b in files]))

@@ -83,13 +83,14 @@ def candidates(quantizer, latents: torch.Tensor, metric: torch.Tensor | None = N
 
 
 @torch.no_grad()
-def choose_ids(model, prior, images: torch.Tensor, n: int, rate_lambda: float) -> np.ndarray:
-    """(B, 3, S, S) tiles -> (B, n) ids chosen greedily for latent distance + rate_lambda * bits
-    under ``prior`` (a TokenPrior). rate_lambda = 0 gives the tokenizer's own ids."""
-    latents = model.encode_latents(images)[:, :n]
-    ids, dist = candidates(model.quantizer, latents, model.token_metric())
+def choose_ids(model, prior, latents: torch.Tensor, n: int, rate_lambda: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder's (B, L, dim) latents of B tiles -> their nearest ids (B, n), and the ids
+    chosen greedily for distortion + rate_lambda * bits under ``prior`` (a TokenPrior; the
+    nearest themselves when rate_lambda = 0)."""
+    ids, dist = candidates(model.quantizer, latents[:, :n], model.token_metric())
     if rate_lambda == 0:
-        return ids[:, :, 0]
+        return ids[:, :, 0], ids[:, :, 0]
     rows = np.arange(ids.shape[0])[:, None]
     chosen = np.zeros(ids.shape[:2], dtype=np.int64)
 
@@ -103,4 +104,4 @@ def choose_ids(model, prior, images: torch.Tensor, n: int, rate_lambda: float) -
 
     step.batch = ids.shape[0]
     prior.coding_probabilities(None, n, decode_step=step)
-    return chosen
+    return ids[:, :, 0], chosen
