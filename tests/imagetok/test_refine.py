@@ -133,7 +133,7 @@ def test_bad_step_counts_are_one_line_errors(tiny_tokenizer_file, tmp_path):
     assert refine.check_refine_steps("40") == 40
     from PIL import Image
     img = tmp_path / "a.png"
-    Image.new("RGB", (32, 32), (10, 200, 30)).save(img)
+    Image.new("RGB", (48, 40), (10, 200, 30)).save(img)  # 4 tiles of the tiny 32x32
     path, _ = tiny_tokenizer_file
     base = ["tokenize-image", "encode", str(img), "--out", str(tmp_path / "o"), "--tokenizer",
             str(path), "--raw"]
@@ -145,4 +145,7 @@ def test_bad_step_counts_are_one_line_errors(tiny_tokenizer_file, tmp_path):
     assert res.exit_code == 2 and "refinement steps" in res.output
     res = CliRunner().invoke(app, base + ["--refine", "4"])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "o" / "a.tok").stat().st_size > 0
+    res = CliRunner().invoke(app, ["tokenize-image", "decode", str(tmp_path / "o" / "a.tok"),
+                                   "--out", str(tmp_path / "png"), "--tokenizer", str(path)])
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "png" / "a.png").size == (48, 40)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import glob
 import io
+import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -22,7 +24,7 @@ import torch
 import typer
 from PIL import Image
 
-from tokctl.console import console, err_console
+from tokctl.console import console, err_console, progress_bar
 from tokctl.errors import UserError
 from tokctl.imagetok import prior as prior_mod
 from tokctl.imagetok import rdo, refine, tokfile
@@ -81,15 +83,16 @@ def assemble(tiles: torch.Tensor, width: int, height: int) -> Image.Image:
 
 @torch.no_grad()
 def image_ids(tok: LoadedTokenizer, images: list[Image.Image], tokens: int, prior=None,
-              rate_lambda: float = 0.0, refine_steps: int = 0, refine_rate: float = 0.0
-              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+              rate_lambda: float = 0.0, refine_steps: int = 0, refine_rate: float = 0.0,
+              progress=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """RGB images of any size -> each image's nearest ids and its chosen ids (tiles, ``tokens``
     each), tiles of the tokenizer's input size. With ``refine_steps`` > 0 the encoder's latents
     are first refined for the decoder that keeps ``tokens`` (refine.py; for distortion +
     ``refine_rate`` x coded bits a token under ``prior`` when that is > 0); the nearest ids are
     those latents' own codes, and with ``rate_lambda`` > 0 (and a prior) the chosen ids are the
     codes chosen for distortion + rate_lambda * coded bits under ``prior`` (rdo.py); otherwise
-    the chosen ids are the nearest (the same arrays)."""
+    the chosen ids are the nearest (the same arrays). ``progress(n)``, when given, is told of
+    every batch of n tiles done."""
     rdo.check_rate_aware(tok.model, prior, rate_lambda)
     refine.check_refine_rate(tok.model, prior, refine_steps, refine_rate)
     model = tok.model
@@ -107,7 +110,12 @@ def image_ids(tok: LoadedTokenizer, images: list[Image.Image], tokens: int, prio
         ids = model.quantizer(latents).ids.reshape(len(batch), -1)[:, :tokens].numpy()
         return ids, ids
 
-    pairs = [ids_of(flat[i:i + BATCH]) for i in range(0, len(flat), BATCH)]
+    def done(pair):
+        if progress is not None:
+            progress(len(pair[0]))
+        return pair
+
+    pairs = [done(ids_of(flat[i:i + BATCH])) for i in range(0, len(flat), BATCH)]
     if not pairs:
         return [], []
     near_all, chosen_all = (np.concatenate(side) for side in zip(*pairs))
@@ -122,13 +130,13 @@ def image_ids(tok: LoadedTokenizer, images: list[Image.Image], tokens: int, prio
 
 def encode_images(tok: LoadedTokenizer, images: list[Image.Image], tokens: int,
                   prior=None, rate_lambda: float = 0.0, refine_steps: int = 0,
-                  refine_rate: float = 0.0) -> list[bytes]:
+                  refine_rate: float = 0.0, progress=None) -> list[bytes]:
     """RGB images of any size -> token file bytes (version 2): each image as tiles of the
     tokenizer's input size, ``tokens`` ids a tile (:func:`image_ids`), arithmetic-coded under
     ``prior`` (a LoadedPrior) when one is given and that makes the file smaller, else plain
     bits."""
     nearest, chosen = image_ids(tok, images, tokens, prior, rate_lambda, refine_steps,
-                                refine_rate)
+                                refine_rate, progress)
     return [rate_aware_file(tok, prior, im.size[0], im.size[1], near, ids)[0]
             for im, near, ids in zip(images, nearest, chosen)]
 
@@ -310,14 +318,18 @@ def encode_command(images: List[Path] = typer.Argument(..., help="Images to enco
             err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             failed += 1
     taken: set[str] = set()
-    for start in range(0, len(opened), BATCH):
-        chunk = opened[start:start + BATCH]
-        for (path, _), data in zip(chunk, encode_images(tok, [im for _, im in chunk], n, coder,
-                                                        rate_lambda, refine_steps,
-                                                        refine_rate)):
-            target = _unique(out, path.stem, ".tok", taken)
-            _write(target, data)
-            console.print(f"{target}  {len(data)} bytes", soft_wrap=True, highlight=False)
+    size = tok.model.image_size
+    tiles = sum(math.prod(tokfile.tile_grid(im.size[0], im.size[1], size)) for _, im in opened)
+    # refinement takes about a second a tile: show it (plain encoding is done in a blink)
+    with (progress_bar("refining tiles", tiles) if refine_steps else nullcontext()) as advance:
+        for start in range(0, len(opened), BATCH):
+            chunk = opened[start:start + BATCH]
+            for (path, _), data in zip(chunk, encode_images(
+                    tok, [im for _, im in chunk], n, coder, rate_lambda, refine_steps,
+                    refine_rate, advance)):
+                target = _unique(out, path.stem, ".tok", taken)
+                _write(target, data)
+                console.print(f"{target}  {len(data)} bytes", soft_wrap=True, highlight=False)
     _finish("encoded", len(opened), failed)
 
 
