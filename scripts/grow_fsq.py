@@ -1,4 +1,5 @@
-"""Grow a trained FSQ tokenizer into one with more FSQ dimensions, drawing the same images.
+"""Grow a trained FSQ tokenizer into one with more FSQ dimensions, or with a finer grid on the
+same dimensions, drawing the same images.
 
 `tokctl tokenize-image train init=` loads weights strictly, so it refuses a tokenizer whose
 quantiser has another number of dimensions. This makes the starting point for such a run: every
@@ -9,6 +10,12 @@ one until training teaches the new dimensions something. Used for the shipped 24
 tokenizer (tokctl/imagetok/weights/README.md):
 
     python scripts/grow_fsq.py vq2d 8,8,8,8,8,8,8,8 runs/imagetok/vq2d-fsq8x8-init.pt
+
+Given as many dimensions, each with at least as many levels, every weight is kept as it is and
+only the grid gets finer: the 32-bit vq2d32 is vq2d24 read on 16 levels a dimension, whose
+values include all of the 8-level grid's (its digits are coded under a DigitPrior):
+
+    python scripts/grow_fsq.py vq2d24 16,16,16,16,16,16,16,16 tokctl/imagetok/weights/vq2d32.pt
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ from tokctl.imagetok.checkpoint import build_tokenizer, load_tokenizer, save_tok
 def grow(source: str, levels: list[int], out: str) -> None:
     old = load_tokenizer(source)
     old_levels = list(old.config["quantizer"]["levels"])
-    if levels[:len(old_levels)] != old_levels or len(levels) <= len(old_levels):
-        raise SystemExit(f"levels {levels} must extend the tokenizer's {old_levels}")
+    finer = len(levels) == len(old_levels) and all(a >= b for a, b in zip(levels, old_levels))
+    if not finer and (levels[:len(old_levels)] != old_levels or len(levels) <= len(old_levels)):
+        raise SystemExit(f"levels {levels} must extend the tokenizer's {old_levels}, or refine "
+                         f"each of its dimensions")
     config = copy.deepcopy(old.config)
     config["quantizer"]["levels"] = levels
     torch.manual_seed(0)

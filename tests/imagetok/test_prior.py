@@ -54,8 +54,7 @@ def test_coding_saves_bits_on_what_the_prior_learnt(tiny_prior):
     tok, prior = tiny_prior
     ids = tok.model.encode(torch.rand(8, 3, 32, 32)).numpy()
     coded = prior_mod.encode_ids(prior.model, ids)
-    probs = prior.model.coding_probabilities(ids, ids.shape[1])
-    ideal = prior_mod.ideal_bits(probs, ids).sum() / 8
+    ideal = prior_mod.ideal_bits(prior.model, ids).sum() / 8
     assert ideal < ids.size * 6 / 8  # below 6 raw bits a token
     assert len(coded) <= ideal + 8  # the range coder's overhead: a few bytes a stream
     assert np.array_equal(prior_mod.decode_ids(prior.model, coded, 8, 6), ids)
@@ -69,8 +68,7 @@ def test_streams_are_cut_to_the_shortest_that_decodes(tiny_prior):
     for t in range(1, 6):
         ids = rng.integers(0, 64, (t, 6))
         coded = prior_mod.encode_ids(prior.model, ids)
-        probs = prior.model.coding_probabilities(ids, 6)
-        assert len(coded) <= prior_mod.ideal_bits(probs, ids).sum() / 8 + 2
+        assert len(coded) <= prior_mod.ideal_bits(prior.model, ids).sum() / 8 + 2
         assert np.array_equal(prior_mod.decode_ids(prior.model, coded, t, 6), ids)
         assert not np.array_equal(prior_mod.decode_ids(prior.model, coded[:-1], t, 6), ids)
 

@@ -60,7 +60,7 @@ def test_a_large_lambda_saves_bits_and_prefixes_are_shorter_encodings(tiny_prior
     tok, prior = tiny_prior
     nearest = tok.model.encode(images).numpy()
     greedy = choose(tok.model, prior.model, images, 6, 100.0)
-    bits = {k: prior_mod.ideal_bits(prior.model.coding_probabilities(v, 6), v).sum()
+    bits = {k: prior_mod.ideal_bits(prior.model, v).sum()
             for k, v in {"nearest": nearest, "greedy": greedy}.items()}
     # with rate all but alone in the objective, the greedy ids cost fewer bits in total
     assert bits["greedy"] < bits["nearest"]

@@ -86,7 +86,7 @@ def test_coded_bits_are_the_priors_and_the_surrogate_is_continuous(tiny_prior, i
         latents = model.encode_latents(images)
         bits, surrogate = refine.coded_bits(q, prior.model, latents)
         ids = model.encode(images).numpy()
-        ideal = prior_mod.ideal_bits(prior.model.coding_probabilities(ids, 6), ids).sum(1)
+        ideal = prior_mod.ideal_bits(prior.model, ids).sum(1)
         assert torch.allclose(bits.double(), torch.from_numpy(ideal), atol=0.05)
         # at a lattice point the surrogate is the bits of its id
         on_lattice = torch.atanh((q.bounded(latents).round() + 0.5) / ((q.levels - 1) * 1.001 / 2)

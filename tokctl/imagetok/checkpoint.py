@@ -24,7 +24,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_TOKENIZER = WEIGHTS_DIR / "default.pt"
 # The tokenizers that ship inside tokctl, by the names --tokenizer and tokenizer_path= also take.
 EMBEDDED = {"default": DEFAULT_TOKENIZER, "vq2d": WEIGHTS_DIR / "vq2d.pt",
-            "vq2d24": WEIGHTS_DIR / "vq2d24.pt", "onedpiece128": WEIGHTS_DIR / "onedpiece128.pt"}
+            "vq2d24": WEIGHTS_DIR / "vq2d24.pt", "vq2d32": WEIGHTS_DIR / "vq2d32.pt",
+            "onedpiece128": WEIGHTS_DIR / "onedpiece128.pt"}
 
 
 def embedded_path(path: Path | str | None) -> Path:

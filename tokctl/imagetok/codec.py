@@ -252,8 +252,9 @@ def check_tokens(tok: LoadedTokenizer, tf: tokfile.TokenFile) -> tokfile.TokenFi
 # ------------------------------------------------------------------------------------ commands
 TOKENIZER_HELP = ("Tokenizer file (.pt), train run folder, TiTok release folder, or a shipped "
                   "tokenizer by name: default (1D, One-D-Piece, 64 tokens), onedpiece128 (1D, "
-                  "128 tokens), vq2d (2D grid, 9 bits a token) or vq2d24 (2D grid, 24 bits a "
-                  "token).")
+                  "128 tokens), vq2d (2D grid, 9 bits a token), vq2d24 (2D grid, 24 bits a "
+                  "token) or vq2d32 (vq2d24 on a finer grid, 32 bits a token, coded digit by "
+                  "digit).")
 
 
 PRIOR_HELP = ("Token prior (prior.pt from `tokctl tokenize-image prior train`, or its run "

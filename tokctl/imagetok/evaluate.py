@@ -77,8 +77,8 @@ def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int,
     is smaller): real sizes; bits per token of the coder's bytes (headers left out) against the
     ideal -log2 p; how many files came out coded; whether every file decodes back to its ids.
     ``chosen``: rate-aware ids, written unless their file comes out plain (then the nearest
-    ``tokens``, as encode does); ``held`` says which ids each file holds."""
-    sizes, payload_bits, ideal, ok, n_coded, held = [], 0, 0.0, True, 0, []
+    ``tokens``, as encode does); ``held`` says which ids each file holds, ``files`` the files."""
+    files, payload_bits, ideal, ok, n_coded, held = [], 0, 0.0, True, 0, []
     lookup = PriorLookup(coder.path)
     for i, t in enumerate(tokens):
         near = np.ascontiguousarray(t[:, :n])
@@ -89,13 +89,13 @@ def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int,
             ids, payload = held_ids, prior_mod.encode_ids(coder.model, held_ids)
         held.append(ids)
         n_coded += tokfile.read_header(blob)[0].prior_hash is not None
-        sizes.append(len(blob))
+        files.append(blob)
         payload_bits += 8 * len(payload)
-        probs = coder.model.coding_probabilities(ids, n)
-        ideal += float(prior_mod.ideal_bits(probs, ids).sum())
+        ideal += float(prior_mod.ideal_bits(coder.model, ids).sum())
         ok &= bool(np.array_equal(read_token_bytes(tok, blob, lookup).tokens, ids))
     count = sum(t.shape[0] for t in tokens) * n
-    return {"sizes": sizes, "bits_per_token": payload_bits / count,
+    return {"files": files, "sizes": [len(b) for b in files],
+            "bits_per_token": payload_bits / count,
             "ideal_bits_per_token": ideal / count, "round_trip": ok, "files_coded": n_coded,
             "held": held}
 
@@ -127,6 +127,14 @@ def run(cfg, run: Run) -> dict:
     codecs, missing = baselines.check_codecs(cfg.get("codecs") or baselines.DEFAULT_CODECS)
     for m in missing:
         err_console.print(f"[yellow]warning:[/] classical codec left out: {m}", soft_wrap=True)
+    # the settings, checked once before the slow work: the first tokenizer must be able to use
+    # them (later ones without a prior run without them)
+    priors = [_prior_of(cfg, t, first=i == 0) for i, t in enumerate(tokenizers)]
+    rate_lambda = rdo.check_rate_lambda(cfg.get("rate_lambda") or 0.0)
+    rdo.check_rate_aware(tokenizers[0].model, priors[0], rate_lambda)
+    steps = refine.check_refine_steps(cfg.get("refine_steps") or 0)
+    refine_rate = refine.check_refine_rate(tokenizers[0].model, priors[0], steps,
+                                           cfg.get("refine_rate") or 0.0)
     want_rfid = bool(cfg.rfid)
     ref_feats = None
     if want_rfid:  # the slow part: say so, measured, and how to skip it
@@ -144,9 +152,6 @@ def run(cfg, run: Run) -> dict:
                           f"({sets} sets of reconstructions x {per_set:.1f} s); rfid=false skips "
                           f"it[/]", soft_wrap=True)
     repeats = int(cfg.speed_repeats)
-    rate_lambda = rdo.check_rate_lambda(cfg.get("rate_lambda") or 0.0)
-    steps = refine.check_refine_steps(cfg.get("refine_steps") or 0)
-    refine_rate = rdo.check_rate_lambda(cfg.get("refine_rate") or 0.0, "refine_rate")
     labels: list[str] = []
 
     def record(codec: str, recon: torch.Tensor, sizes: list[int], extra: dict) -> dict:
@@ -171,10 +176,7 @@ def run(cfg, run: Run) -> dict:
             labels.append(label)
             model = tok.model
             budgets = token_budgets(model, cfg.budgets if i == 0 else None)
-            coder = _prior_of(cfg, tok, first=i == 0)
-            if i == 0:  # the first tokenizer must be able to (later ones without a prior skip it)
-                rdo.check_rate_aware(model, coder, rate_lambda)
-                refine.check_refine_rate(model, coder, steps, refine_rate)
+            coder = priors[i]
             lam = rate_lambda if coder is not None else 0.0
             mu = refine_rate if coder is not None else 0.0
             # each image's ids (tiles, max): the plain rows' nearest ones (of latents refined
@@ -228,7 +230,7 @@ def run(cfg, run: Run) -> dict:
                                                      refine_steps=steps, refine_rate=mu))
                     decoders[label] = (lambda tok=tok, parsed=parsed: decode_files(tok, parsed))
                     if coder is not None:  # through real coded files: coding and decoding the ids
-                        coded_files = encode_images(tok, pil, n, coder, lam, steps, mu)
+                        coded_files = coded["files"]
                         lookup = PriorLookup(coder.path)
                         encoders[f"{label}+prior"] = (
                             lambda tok=tok, pil=pil, n=n, coder=coder, lam=lam, mu=mu:

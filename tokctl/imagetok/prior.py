@@ -5,13 +5,13 @@ The prior is a causal transformer over the code ids (a BOS id, then each token p
 next), trained on the tokens of training crops (prior_train.py). A token file coded under it
 (tokfile version 2, ``coded``) holds a range-coder stream (``constriction``) of the ids, each
 coded with the prior's probability of it given the tokens before it in its tile; the file's
-header names the prior by a 24-bit hash of its config and weights.
+header names the prior by a 24-bit hash of its config and weights. Tokenizers with too many ids
+for a softmax over them (vq2d32) have a DigitPrior instead (digit_prior.py), which codes each id's
+FSQ digits in turn through the same coder.
 
 Arithmetic coding needs the encoder and decoder to compute the same probabilities bit for bit.
 Both run the same loop here (one token a step, a key/value cache, float64), on the same batch
-of tiles, so on one machine they agree exactly. Across machines float kernels differ in their
-last bits: the logits are rounded to multiples of 1/64 before the softmax, so a difference of
-~1e-14 changes a probability only when a logit lies within that distance of a rounding edge.
+of tiles, so on one machine they agree exactly; across machines, coding_precision.py.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokctl.errors import UserError
+from tokctl.imagetok.coding_precision import coding_softmax, float64_copy
+from tokctl.imagetok.digit_prior import DigitPrior
 from tokctl.imagetok.layers import Block
 
 FORMAT = "tokctl-imagetok-prior/1"
-LOGIT_GRID = 64.0  # logits are rounded to multiples of 1/LOGIT_GRID before coding
 
 
 class PriorBlock(Block):
@@ -58,6 +59,8 @@ class TokenPrior(nn.Module):
     ``conditions`` > 0, also p(t_i | t_<i, c) for a cluster c of the training crops (clusters.py):
     the sequence then starts with the id ``vocab + 1 + c`` instead of BOS (LlamaGen's class
     token), and the centroids the clusters were defined by travel with the weights."""
+
+    kind = "ids"
 
     def __init__(self, vocab: int, max_tokens: int, width: int = 128, layers: int = 3,
                  heads: int = 4, conditions: int = 0):
@@ -96,6 +99,13 @@ class TokenPrior(nn.Module):
         ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
         return ce.mean(0) / np.log(2)
 
+    def symbols(self, tiles: np.ndarray) -> np.ndarray:
+        """What the coder codes, in order: the ids themselves (a DigitPrior codes digits)."""
+        return np.asarray(tiles, dtype=np.int64)
+
+    def ids_of_symbols(self, symbols: np.ndarray) -> np.ndarray:
+        return symbols
+
     @torch.no_grad()
     def step_logits(self, prev: torch.Tensor, i: int, caches: list[list]) -> torch.Tensor:
         """Logits (B, vocab) at position ``i`` given the ids (B, 1) just before it, extending the
@@ -113,15 +123,14 @@ class TokenPrior(nn.Module):
         each position's ids from its probabilities before the next step needs them."""
         if n > self.max_tokens:
             raise ValueError(f"{n} tokens; this prior models at most {self.max_tokens}")
-        model = self if next(self.parameters()).dtype == torch.float64 else _float64(self)
+        model = float64_copy(self)
         b = tokens.shape[0] if tokens is not None else decode_step.batch
         caches = [[] for _ in model.blocks]
         prev = torch.full((b, 1), model.vocab, dtype=torch.long)
         out = np.zeros((b, n, model.vocab), dtype=np.float64)
         for i in range(n):
             logits = model.step_logits(prev, i, caches)
-            logits = torch.round(logits * LOGIT_GRID) / LOGIT_GRID
-            probs = torch.softmax(logits, -1).numpy()
+            probs = coding_softmax(logits)
             out[:, i] = probs
             ids = tokens[:, i] if tokens is not None else decode_step(i, probs)
             prev = torch.as_tensor(np.asarray(ids, dtype=np.int64)).view(b, 1)
@@ -136,16 +145,6 @@ def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor,
     return unconditional + scale * (conditional - unconditional)
 
 
-def _float64(prior: TokenPrior) -> TokenPrior:
-    """A float64 copy of the prior, made once (coding runs in float64; priors that code are
-    loaded ones, whose weights do not change)."""
-    import copy
-
-    if "_float64" not in prior.__dict__:  # kept out of the module's registered children
-        prior.__dict__["_float64"] = copy.deepcopy(prior).double().eval()
-    return prior.__dict__["_float64"]
-
-
 # ------------------------------------------------------------------------------- coding (ids)
 def _model():
     import constriction
@@ -153,21 +152,23 @@ def _model():
     return constriction.stream.model.Categorical(perfect=False)
 
 
-def encode_ids(prior: TokenPrior, tiles: np.ndarray) -> bytes:
-    """(T, n) ids of T tiles -> the range coder's bytes. Ids are coded position by position
-    (token i of every tile, then token i+1), the order the batched decoder needs them in."""
+def encode_ids(prior, tiles: np.ndarray) -> bytes:
+    """(T, n) ids of T tiles -> the range coder's bytes. The prior's symbols (the ids, or a
+    DigitPrior's digits) are coded position by position (symbol j of every tile, then j+1), the
+    order the batched decoder needs them in."""
     import constriction
 
     tiles = np.asarray(tiles, dtype=np.int64)
     probs = prior.coding_probabilities(tiles, tiles.shape[1])
+    symbols = prior.symbols(tiles)
     enc = constriction.stream.queue.RangeEncoder()
     model = _model()
-    for i in range(tiles.shape[1]):
-        enc.encode(np.ascontiguousarray(tiles[:, i], dtype=np.int32), model,
-                   np.ascontiguousarray(probs[:, i]))
+    for j in range(symbols.shape[1]):
+        enc.encode(np.ascontiguousarray(symbols[:, j], dtype=np.int32), model,
+                   np.ascontiguousarray(probs[:, j]))
     # trailing zero bytes carry nothing: the decoder reads zeros past the end
     return shortest_stream(enc.get_compressed().astype(">u4").tobytes().rstrip(b"\0"), probs,
-                           tiles)
+                           symbols)
 
 
 def _decoder(data: bytes):
@@ -211,25 +212,29 @@ def shortest_stream(data: bytes, probs: np.ndarray, tiles: np.ndarray) -> bytes:
     return best
 
 
-def decode_ids(prior: TokenPrior, data: bytes, tiles: int, n: int) -> np.ndarray:
+def decode_ids(prior, data: bytes, tiles: int, n: int) -> np.ndarray:
     """The inverse of :func:`encode_ids`: (tiles, n) ids."""
     dec = _decoder(data)
     model = _model()
-    out = np.zeros((tiles, n), dtype=np.int64)
+    out = prior.symbols(np.zeros((tiles, n), dtype=np.int64))
 
-    def step(i: int, probs: np.ndarray) -> np.ndarray:
-        out[:, i] = dec.decode(model, probs)
-        return out[:, i]
+    def step(j: int, probs: np.ndarray) -> np.ndarray:
+        out[:, j] = dec.decode(model, probs)
+        return out[:, j]
 
     step.batch = tiles
     prior.coding_probabilities(None, n, decode_step=step)
-    return out
+    return prior.ids_of_symbols(out)
 
 
-def ideal_bits(probs: np.ndarray, tiles: np.ndarray) -> np.ndarray:
-    """-log2 p of each id under the coding probabilities: (T, n) bits."""
-    t, n = tiles.shape
-    return -np.log2(probs[np.arange(t)[:, None], np.arange(n)[None, :], tiles])
+def ideal_bits(prior, tiles: np.ndarray) -> np.ndarray:
+    """-log2 p of each coded symbol of (T, n) ids under the coding probabilities: (T, symbols)
+    bits."""
+    tiles = np.asarray(tiles, dtype=np.int64)
+    probs = prior.coding_probabilities(tiles, tiles.shape[1])
+    symbols = prior.symbols(tiles)
+    t, s = symbols.shape
+    return -np.log2(probs[np.arange(t)[:, None], np.arange(s)[None, :], symbols])
 
 
 # ------------------------------------------------------------------------------------- files
@@ -246,8 +251,12 @@ class LoadedPrior:
         self.tokenizer_hash = tokenizer_hash
 
 
-def build_prior(config: dict[str, Any]) -> TokenPrior:
-    return TokenPrior(**{k: v for k, v in config.items() if k != "name"})
+def build_prior(config: dict[str, Any]):
+    """A TokenPrior over ids, or (``kind: digits``) a DigitPrior over FSQ digits."""
+    args = {k: v for k, v in config.items() if k not in ("name", "kind")}
+    if config.get("kind") == "digits":
+        return DigitPrior(**args)
+    return TokenPrior(**args)
 
 
 def save_prior(path: Path | str, model: TokenPrior, config: dict, tokenizer_hash: int,

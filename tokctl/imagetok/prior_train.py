@@ -30,6 +30,7 @@ from tokctl.imagetok.checkpoint import load_tokenizer
 from tokctl.imagetok.clusters import colour_layout, kmeans, nearest
 from tokctl.imagetok.data import CropSampler, warn_skipped
 from tokctl.imagetok.prior import FORMAT, build_prior, save_prior
+from tokctl.imagetok.refine import check_refine_steps, refine_latents
 from tokctl.imagetok.tokfile import bits_for
 from tokctl.runs import Run, atomic_torch_save
 
@@ -42,18 +43,56 @@ def _lr(step: int, t) -> float:
 
 
 @torch.no_grad()
-def crop_tokens(tok, sampler: CropSampler, n: int, advance=None,
-                batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens (n, max_tokens), colour layouts (n, clusters.FEATURES)) of ``n`` random crops."""
+def crop_tokens(tok, sampler: CropSampler, n: int, advance=None, batch: int = 64,
+                refine_steps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (n, max_tokens), colour layouts (n, clusters.FEATURES)) of ``n`` random crops:
+    the encoder's, or with ``refine_steps`` those of latents refined as `encode --refine` does
+    (the tokens a prior for refined files must code)."""
     out, layouts = [], []
+    model = tok.model
     while sum(len(o) for o in out) < n:
         images = sampler.batch(min(batch, n - sum(len(o) for o in out)))
-        out.append(tok.model.encode(images))
+        if refine_steps:
+            latents = refine_latents(model, images, model.encode_latents(images),
+                                     model.num_latents, refine_steps)
+            out.append(model.quantizer(latents).ids.reshape(len(images), -1))
+        else:
+            out.append(model.encode(images))
         layouts.append(colour_layout(images))
         if advance:
             advance(len(images))
     ids = torch.cat(out).to(torch.int16 if tok.model.codebook_size < 2 ** 15 else torch.int64)
     return ids, torch.cat(layouts)
+
+
+#: The most ids a prior over ids models with a softmax; larger codebooks need prior.kind=digits.
+MAX_ID_VOCAB = 1 << 16
+
+
+def _model_config(model, prior_cfg) -> dict:
+    """The prior's config for this tokenizer: a transformer over its ids (``prior.kind=ids``),
+    or an MLP context model over the FSQ digits of its 2D grid (``digits``); else one line."""
+    given = OmegaConf.to_container(prior_cfg, resolve=True)
+    kind = given.pop("kind", "ids") or "ids"
+    hidden = given.pop("hidden", 96)
+    if kind == "digits":
+        from tokctl.imagetok.models import VQ2D
+
+        if not isinstance(model, VQ2D) or not hasattr(model.quantizer, "levels_list"):
+            raise UserError("prior.kind=digits models the FSQ digits of a 2D grid tokenizer (vq2d "
+                            "with FSQ); this tokenizer is not one: use prior.kind=ids")
+        if given.get("conditions"):
+            raise UserError("prior.conditions: a digits prior has no cluster-conditional variant "
+                            "(leave prior.conditions=0)")
+        return {"kind": "digits", "levels": list(model.quantizer.levels_list),
+                "grid": int(model.grid), "hidden": int(hidden)}
+    if kind != "ids":
+        raise UserError(f"prior.kind={kind}: give ids (a transformer over the code ids) or digits "
+                        f"(an MLP over the FSQ digits of a 2D grid tokenizer)")
+    if model.codebook_size > MAX_ID_VOCAB:
+        raise UserError(f"prior.kind=ids: {model.codebook_size} ids are too many for a softmax "
+                        f"over them; give prior.kind=digits")
+    return {"vocab": model.codebook_size, "max_tokens": model.max_tokens, **given}
 
 
 def _load_checkpoint(path: str) -> dict:
@@ -74,9 +113,7 @@ def run(cfg, run: Run) -> dict:
     if resume and tok.hash != resume["tokenizer_hash"]:
         raise UserError(f"resume={cfg.resume}: its tokenizer {resume['tokenizer_path']} has "
                         f"changed since (hash {tok.hash:06x}, was {resume['tokenizer_hash']:06x})")
-    model_cfg = resume["prior"] if resume else {
-        "vocab": tok.model.codebook_size, "max_tokens": tok.model.max_tokens,
-        **OmegaConf.to_container(cfg.prior, resolve=True)}
+    model_cfg = resume["prior"] if resume else _model_config(tok.model, cfg.prior)
     conditions = int(model_cfg.get("conditions") or 0)  # ranges checked by the config's #: marks
     dropout = float(t.get("condition_dropout", 0.1))
     prior = build_prior(model_cfg)
@@ -91,9 +128,12 @@ def run(cfg, run: Run) -> dict:
         warn_skipped(sampler)
         val_sampler = CropSampler([], size, seed=12345, photos=sampler.photos)
         n, nv = int(cfg.data.crops), int(cfg.data.val_crops)
-        with progress_bar("tokens of training crops", n + nv) as advance:
-            train_tokens, train_layouts = crop_tokens(tok, sampler, n, advance)
-            val_tokens, val_layouts = crop_tokens(tok, val_sampler, nv, advance)
+        steps = check_refine_steps(cfg.data.get("refine_steps") or 0, "data.refine_steps")
+        batch = 16 if steps else 64  # refining takes seconds a crop: a bar that moves
+        with progress_bar("tokens of training crops" + (" (refined)" if steps else ""),
+                          n + nv) as advance:
+            train_tokens, train_layouts = crop_tokens(tok, sampler, n, advance, batch, steps)
+            val_tokens, val_layouts = crop_tokens(tok, val_sampler, nv, advance, batch, steps)
         run.update_env(photos=len(sampler.photos), images_skipped=len(sampler.skipped))
         train_labels = val_labels = None
         if conditions:

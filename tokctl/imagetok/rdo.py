@@ -46,13 +46,20 @@ def check_rate_lambda(value, where: str = "rate_lambda") -> float:
     return lam
 
 
-def check_rate_aware(model, prior, rate_lambda: float, where: str = "rate_lambda") -> None:
-    """Rate-aware encoding needs an FSQ tokenizer (one id per latent) and a prior to weigh bits."""
+def check_rate_aware(model, prior, rate_lambda: float, where: str = "rate_lambda",
+                     digits_ok: bool = False) -> None:
+    """Rate-aware encoding needs an FSQ tokenizer (one id per latent) and a prior to weigh bits
+    (the greedy choice here, a prior over ids; refinement's rate term, ``digits_ok``, also a
+    DigitPrior)."""
     if rate_lambda <= 0:
         return
     if prior is None:
         raise UserError(f"{where}={rate_lambda:g}: rate-aware encoding weighs the bits of a token "
                         f"prior; this tokenizer has none here (give one, or leave it at 0)")
+    if not digits_ok and getattr(prior.model, "kind", None) == "digits":
+        raise UserError(f"{where}={rate_lambda:g}: this tokenizer's prior codes FSQ digits, not "
+                        f"ids, and the greedy choice weighs ids; weigh bits while refining "
+                        f"instead (encode --refine N --refine-rate R)")
     if not hasattr(model.quantizer, "bounded") or model.quantizer.depth != 1:
         raise UserError(f"{where}={rate_lambda:g}: rate-aware encoding needs an FSQ tokenizer "
                         f"(this one quantises with {type(model.quantizer).__name__})")
@@ -68,7 +75,7 @@ def candidates(quantizer, latents: torch.Tensor, metric: torch.Tensor | None = N
     levels = quantizer.levels.long()
     half = (levels // 2).double()
     b = quantizer.bounded(latents.detach()).double()          # (B, L, D), level units
-    nearest = b.round().long() + levels // 2                 # digits 0 .. levels-1
+    nearest = quantizer.nearest_digits(latents)               # digits 0 .. levels-1
     deltas = torch.tensor(sorted(itertools.product((-1, 0, 1), repeat=quantizer.dim),
                                  key=lambda d: (any(d), d)))  # (K, D), all zeros first
     digits = torch.minimum(torch.clamp(nearest[..., None, :] + deltas, min=0), levels - 1)
@@ -78,8 +85,7 @@ def candidates(quantizer, latents: torch.Tensor, metric: torch.Tensor | None = N
         dist = diff.pow(2).sum(-1)
     else:  # d^T G_i d: the change of what the decoder reads (token_metric)
         dist = torch.einsum("blkd,lde,blke->blk", diff, metric[:diff.shape[1]], diff)
-    ids = (digits * quantizer.basis).sum(-1)
-    return ids.numpy(), dist.numpy()
+    return quantizer.ids_of(digits).numpy(), dist.numpy()
 
 
 @torch.no_grad()

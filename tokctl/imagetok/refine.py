@@ -52,7 +52,7 @@ def check_refine_rate(model, prior, steps: int, rate, where: str = "refine_rate"
     if rate > 0 and steps <= 0:
         raise UserError(f"{where}={rate:g} weighs coded bits while refining: give refinement "
                         f"steps too (encode --refine N, eval refine_steps=N)")
-    rdo.check_rate_aware(model, prior, rate, where)
+    rdo.check_rate_aware(model, prior, rate, where, digits_ok=True)
     return rate
 
 
@@ -68,11 +68,12 @@ def coded_bits(quantizer, prior, latents: torch.Tensor) -> tuple[torch.Tensor, t
     for their gradient: each latent's bits interpolated multilinearly between the 2^dim lattice
     points around it (equal to the exact bits on a lattice point), given the earlier ids as
     they are."""
+    if getattr(prior, "kind", None) == "digits":
+        return _digit_bits(quantizer, prior, latents)
     b = quantizer.bounded(latents)                                  # (B, n, D), level units
     half = quantizer.levels // 2
     levels = quantizer.levels.long()
-    rounded = b.detach().round()
-    ids = ((rounded + half).long() * quantizer.basis).sum(-1)       # (B, n): the nearest
+    ids = quantizer.ids_of(quantizer.nearest_digits(latents))      # (B, n): the nearest
     with torch.no_grad():
         table = -torch.log_softmax(prior(ids).float(), -1) / math.log(2)   # (B, n, vocab)
     exact = table.gather(-1, ids[..., None])[..., 0].sum(1)
@@ -82,17 +83,37 @@ def coded_bits(quantizer, prior, latents: torch.Tensor) -> tuple[torch.Tensor, t
                                                                                  quantizer.dim)
     digits = (low.long() + half.long())[..., None, :] + corners      # (B, n, 2^D, D)
     digits = torch.minimum(digits.clamp(min=0), levels - 1)          # an edge: its own point
-    corner_ids = (digits * quantizer.basis).sum(-1)                  # (B, n, 2^D)
+    corner_ids = quantizer.ids_of(digits)                            # (B, n, 2^D)
     weights = torch.where(corners.bool(), frac[..., None, :], 1 - frac[..., None, :]).prod(-1)
     surrogate = (weights * table.gather(-1, corner_ids)).sum(-1)
     return exact, surrogate.sum(1)
+
+
+def _digit_bits(quantizer, prior, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`coded_bits` under a DigitPrior, which codes each FSQ digit in turn: the exact bits
+    of the nearest digits, and each digit's bits interpolated linearly between the two levels
+    around it (the context as the nearest digits give it)."""
+    b = quantizer.bounded(latents)                                  # (B, n, D), level units
+    digits = quantizer.nearest_digits(latents)
+    with torch.no_grad():
+        table = prior.bits(digits)                                  # (B, n, D, levels)
+    exact = table.gather(-1, digits[..., None])[..., 0].sum((1, 2))
+    top = quantizer.levels.long() - 1
+    low = b.detach().floor()
+    frac = b - low
+    below = torch.minimum((low.long() + quantizer.levels.long() // 2).clamp(min=0), top)
+    above = torch.minimum(below + 1, top)                            # an edge: its own level
+    surrogate = ((1 - frac) * table.gather(-1, below[..., None])[..., 0]
+                 + frac * table.gather(-1, above[..., None])[..., 0])
+    return exact, surrogate.sum((1, 2))
 
 
 def refine_latents(model, images: torch.Tensor, latents: torch.Tensor, keep: int, steps: int,
                    lr: float = LR, prior=None, rate: float = 0.0) -> torch.Tensor:
     """(B, 3, S, S) images and their encoder latents (B, L, dim) -> latents refined for the
     decoder that keeps the first ``keep`` of them (the rest are returned as given). With a token
-    ``prior`` (a TokenPrior over this FSQ tokenizer's ids) and ``rate`` > 0 the objective is
+    ``prior`` (a TokenPrior over this FSQ tokenizer's ids, or a DigitPrior over its digits) and
+    ``rate`` > 0 the objective is
     distortion + rate x the prior's coded bits a token (:func:`coded_bits`)."""
     if steps <= 0:
         return latents

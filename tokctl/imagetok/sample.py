@@ -176,6 +176,9 @@ def run(cfg, run) -> dict:
         raise UserError(f"images={n} and batch={batch} must be at least 1")
     condition = cfg.get("condition")
     tok, prior = load_pair(cfg.tokenizer_path, cfg.prior_path, conditional=condition is not None)
+    if prior.model.kind != "ids":
+        raise UserError(f"{prior.path} codes FSQ digits (a prior for coding files, not one the "
+                        f"decoding engine samples ids from): give prior_path= a prior over ids")
     if condition is not None and not 0 <= int(condition) < prior.model.conditions:
         raise UserError(f"condition={condition}: " + (
             f"this prior has clusters 0..{prior.model.conditions - 1}" if prior.model.conditions

@@ -20,6 +20,10 @@ class Quantized:
     stats: dict = field(default_factory=dict)
 
 
+#: Codebooks larger than this count their usage sparsely (the ids seen and their counts).
+DENSE_COUNTS = 1 << 24
+
+
 class Quantizer(nn.Module):
     """Maps (B, L, dim) vectors to codes. ``depth`` ids per vector, each in [0, codebook_size)."""
 
@@ -51,19 +55,29 @@ class Quantizer(nn.Module):
     def count_usage(self, ids: torch.Tensor) -> None:
         flat = ids.reshape(-1)
         flat = flat[flat >= 0].cpu()
+        if self.codebook_size > DENSE_COUNTS:  # a table of 2^32 counts cannot exist: the used ones
+            seen = flat if self._counts is None else torch.cat([self._counts[0], flat])
+            weight = torch.ones(len(flat), dtype=torch.float64)
+            if self._counts is not None:
+                weight = torch.cat([self._counts[1], weight])
+            used, where = torch.unique(seen, return_inverse=True)
+            self._counts = (used, torch.zeros(len(used), dtype=torch.float64).index_add_(
+                0, where, weight))
+            return
         counts = torch.bincount(flat, minlength=self.codebook_size).double()
         self._counts = counts if self._counts is None else self._counts + counts
 
     def usage(self) -> dict:
         """Fraction of codes used, and the entropy of their frequencies (bits; log2 of the
         codebook size would be a perfectly even use)."""
-        if self._counts is None or self._counts.sum() == 0:
+        counts = self._counts[1] if isinstance(self._counts, tuple) else self._counts
+        if counts is None or counts.sum() == 0:
             return {"codes_used": 0, "usage": 0.0, "entropy_bits": 0.0,
                     "max_entropy_bits": math.log2(self.codebook_size)}
-        p = self._counts / self._counts.sum()
+        p = counts / counts.sum()
         nz = p[p > 0]
-        return {"codes_used": int((self._counts > 0).sum()),
-                "usage": float((self._counts > 0).double().mean()),
+        return {"codes_used": int((counts > 0).sum()),
+                "usage": int((counts > 0).sum()) / self.codebook_size,
                 "entropy_bits": float(-(nz * nz.log2()).sum()),
                 "perplexity": float(2 ** (-(nz * nz.log2()).sum())),
                 "max_entropy_bits": math.log2(self.codebook_size)}

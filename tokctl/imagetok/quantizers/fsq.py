@@ -38,6 +38,14 @@ class FSQ(Quantizer):
         rounding it gives the code; rate-aware encoding (rdo.py) also weighs its neighbours."""
         return self._bound(z.float())
 
+    def nearest_digits(self, z: torch.Tensor) -> torch.Tensor:
+        """Each dimension's nearest level as a digit 0 .. levels-1 (long), from the latents."""
+        return self._bound(z.detach().float()).round().long() + self.levels.long() // 2
+
+    def ids_of(self, digits: torch.Tensor) -> torch.Tensor:
+        """Digits (..., dim) -> the code ids (...): the mixed-radix number they spell."""
+        return (digits * self.basis).sum(-1)
+
     def relax(self, z: torch.Tensor) -> torch.Tensor:
         return self._bound(z.float()).to(z.dtype) / (self.levels // 2)
 
@@ -46,8 +54,7 @@ class FSQ(Quantizer):
         rounded = bounded + (bounded.round() - bounded).detach()
         half_width = (self.levels // 2)
         values = rounded / half_width
-        digits = (rounded.detach().round() + half_width).long()
-        ids = (digits * self.basis).sum(-1, keepdim=True)
+        ids = self.ids_of((rounded.detach().round() + half_width).long())[..., None]
         self.count_usage(ids)
         return Quantized(values.to(z.dtype), ids, z.new_zeros(()), {})
 
