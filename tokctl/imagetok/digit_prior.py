@@ -107,14 +107,10 @@ class DigitPrior(nn.Module):
         return torch.cat([context[:, :, None, :].expand(*own.shape[:3], context.shape[-1]), own],
                          -1)
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """(..., dim, features) -> (..., dim, vocab) logits, impossible digits at -inf."""
-        out = self.net(features)
-        return out.masked_fill(self.impossible, float("-inf"))
-
     def forward(self, digits: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits (B, n, dim, vocab) of every digit given its context."""
-        return self.logits(self.features(digits))
+        """Teacher-forced logits (B, n, dim, vocab) of every digit given its context (a digit
+        beyond its dimension's levels at -inf)."""
+        return self.net(self.features(digits)).masked_fill(self.impossible, float("-inf"))
 
     def loss_bits(self, tokens: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n) ids -> (n,) mean bits a cell (all its digits) at each position, as

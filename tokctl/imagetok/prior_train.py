@@ -12,6 +12,10 @@ to tokctl/imagetok/weights/NAME.prior.pt to ship it.
 clustered by colour layout (k-means, N clusters), each sequence starts with its cluster's id, and
 a share ``train.condition_dropout`` of them starts with BOS instead, so the same prior also
 samples (and codes) unconditionally.
+
+``prior.kind=digits`` trains a DigitPrior (digit_prior.py) instead, for a 2D grid tokenizer whose
+ids are too many for a softmax (vq2d32); ``data.refine_steps=N`` takes the crops' tokens from
+latents refined N steps, the ids that files encoded with ``--refine`` hold.
 """
 
 from __future__ import annotations

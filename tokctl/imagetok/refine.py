@@ -113,8 +113,8 @@ def refine_latents(model, images: torch.Tensor, latents: torch.Tensor, keep: int
     """(B, 3, S, S) images and their encoder latents (B, L, dim) -> latents refined for the
     decoder that keeps the first ``keep`` of them (the rest are returned as given). With a token
     ``prior`` (a TokenPrior over this FSQ tokenizer's ids, or a DigitPrior over its digits) and
-    ``rate`` > 0 the objective is
-    distortion + rate x the prior's coded bits a token (:func:`coded_bits`)."""
+    ``rate`` > 0 the objective is distortion + rate x the prior's coded bits a token
+    (:func:`coded_bits`)."""
     if steps <= 0:
         return latents
     quantizer = model.quantizer
