@@ -49,10 +49,10 @@ fi
 #   TOKCTL_PHOTOS=1 bash scripts/setup.sh
 # gcompris-qt-data and tuxpaint-stamps-default are for training (GCompris's photos sit in Qt
 # resource files and are extracted to /usr/local/share/tokctl/photos/gcompris); jigzo-data and
-# palapeli-data hold the held-out photos. Files and licences: tokctl/imagetok/weights/training_photos.md
+# palapeli-data hold the held-out photos, opencv-doc a second held-out set (data.photos=opencv). Files and licences: tokctl/imagetok/weights/training_photos.md
 if [ "${TOKCTL_PHOTOS:-0}" = 1 ] && [ ! -d /usr/local/share/tokctl/photos/gcompris ]; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends gcompris-qt-data \
-    tuxpaint-stamps-default jigzo-data palapeli-data >/dev/null
+    tuxpaint-stamps-default jigzo-data palapeli-data opencv-doc >/dev/null
   python -m tokctl.imagetok.photosets extract /usr/local/share/tokctl/photos/gcompris
 fi
 python -c "import tokctl, torch, datasets; print('tokctl', tokctl.__version__, 'torch', torch.__version__, 'datasets', datasets.__version__)"

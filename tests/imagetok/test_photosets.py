@@ -87,6 +87,15 @@ def test_textured_set_reads_puzzle_jpegs_and_counts_missing(tmp_path, monkeypatc
         eval_images(None, 32, photos="bogus")
 
 
+def test_opencv_set_reads_its_photos_and_names_the_package_when_missing(tmp_path, monkeypatch):
+    _noisy(90).save(tmp_path / "apple.jpg")
+    monkeypatch.setattr(photosets, "OPENCV", (("apple", tmp_path / "apple.jpg"),
+                                              ("baboon", tmp_path / "baboon.jpg")))
+    names, images, skipped = eval_images(None, 32, photos="opencv")
+    assert names == ["apple"] and images.shape == (1, 3, 32, 32)
+    assert list(skipped) == ["baboon"] and "opencv-doc" in skipped["baboon"]
+
+
 def test_dep5_licences_last_matching_stanza_wins(tmp_path):
     cp = tmp_path / "copyright"
     cp.write_text("Format: x\n\nFiles: *\nCopyright: Someone\nLicense: GPL-3+\n\n"

@@ -210,7 +210,7 @@ def held_out_photos() -> tuple[list[tuple[str, Image.Image]], dict[str, str]]:
     return out, skipped
 
 
-PHOTO_SETS = ("default", "textured")
+PHOTO_SETS = ("default", "textured", "opencv")
 
 
 def eval_images(path: str | None, size: int, limit: int | None = None, photos: str = "default"
@@ -218,8 +218,8 @@ def eval_images(path: str | None, size: int, limit: int | None = None, photos: s
     """Names and a (N, 3, size, size) tensor of whole photos (centre square, resized); and the
     photos left out, name -> why: files in data.path that do not open as images (a folder is read
     through datasets' imagefolder), or default photos this machine cannot have. Without a path,
-    ``photos`` picks the held-out set: ``default`` (scikit-image and matplotlib) or ``textured``
-    (the jigsaw games' photos, :mod:`tokctl.imagetok.photosets`)."""
+    ``photos`` picks the held-out set: ``default`` (scikit-image and matplotlib), ``textured``
+    (the jigsaw games' photos) or ``opencv`` (opencv-doc's; :mod:`tokctl.imagetok.photosets`)."""
     if photos not in PHOTO_SETS:
         raise UserError(f"data.photos={photos}: give one of {', '.join(PHOTO_SETS)}")
     if path:
@@ -236,10 +236,10 @@ def eval_images(path: str | None, size: int, limit: int | None = None, photos: s
             raise UserError(f"data.path={path}: none of its images opens (first: "
                             f"{next(iter(skipped.values()))})")
     else:
-        if photos == "textured":
-            from tokctl.imagetok.photosets import textured_photos
+        if photos != "default":
+            from tokctl.imagetok.photosets import held_out_set
 
-            pairs, skipped = textured_photos()
+            pairs, skipped = held_out_set(photos)
         else:
             pairs, skipped = held_out_photos()
         pairs = pairs[:limit] if limit else pairs

@@ -9,7 +9,10 @@ package hold photos of what people photograph (animals, fruit, plants, buildings
   with ``python -m tokctl.imagetok.photosets extract DEST``) and Tux Paint's photographic animal
   and plant stamps (``tuxpaint-stamps-default``, cut-outs on transparency, read in place);
 - held out, never trained on (``tokenize-image eval data.photos=textured``): the photos of two
-  jigsaw games, ``jigzo-data`` (JPEGs inside its ``.pzl`` puzzle files) and ``palapeli-data``.
+  jigsaw games, ``jigzo-data`` (JPEGs inside its ``.pzl`` puzzle files) and ``palapeli-data``;
+- a second held-out set (``data.photos=opencv``), the colour photographs among the example data
+  of ``opencv-doc``, a documentation package: gathered after every shipped tokenizer was made,
+  so that no choice of theirs saw it.
 
 Each file's package and licence are listed in ``tokctl/imagetok/weights/training_photos.md``.
 """
@@ -55,6 +58,16 @@ TEXTURED = (
     ("chameleon", PALAPELI / "panther-chameleon-female.jpg"),
 )
 INSTALL_HINT = "TOKCTL_PHOTOS=1 bash scripts/setup.sh installs them (root)"
+
+# The second held-out set: every colour photograph in opencv-doc's example data, the first frame
+# of each stereo or optical-flow pair; left out are renders and drawings (HappyFish, smarties,
+# Blender_Suzanne), the painting (starry_night), chessboards, text, logos and grey images.
+OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
+OPENCV = tuple((Path(f).stem.lower(), OPENCV_DATA / f) for f in (
+    "aero1.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "board.jpg", "building.jpg",
+    "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg", "graf1.png", "home.jpg",
+    "leuvenA.jpg", "messi5.jpg", "orange.jpg", "rubberwhale1.png", "squirrel_cls.jpg",
+    "stuff.jpg"))
 
 
 def rcc_files(path: Path | str):
@@ -128,14 +141,17 @@ def _open(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def textured_photos() -> tuple[list[tuple[str, Image.Image]], dict[str, str]]:
-    """The held-out textured photos as (name, RGB image), and those missing, name -> why."""
+def held_out_set(which: str) -> tuple[list[tuple[str, Image.Image]], dict[str, str]]:
+    """A held-out set (``textured`` or ``opencv``) as (name, RGB image), and those missing,
+    name -> why."""
     out, skipped = [], {}
-    for name, path in TEXTURED:
+    photos, hint = {"textured": (TEXTURED, INSTALL_HINT),
+                    "opencv": (OPENCV, "apt-get install opencv-doc (root) installs them")}[which]
+    for name, path in photos:
         try:
             out.append((name, _open(path)))
         except FileNotFoundError:
-            skipped[name] = f"{path} is not installed ({INSTALL_HINT})"
+            skipped[name] = f"{path} is not installed ({hint})"
         except OSError as exc:
             skipped[name] = f"{path}: {one_line_error(exc)}"
     return out, skipped
@@ -191,15 +207,17 @@ def manifest(gcompris_dir: Path | str = PHOTOS_DIR / "gcompris") -> str:
             licence, holder = licence_of(upstream, stanzas)
             rows.append(f"| `{f}` | {package} | {licence} | {holder.replace('|', '/')} |")
     held = []
-    for name, path in TEXTURED:
-        package = "jigzo-data" if path.is_relative_to(JIGZO) else "palapeli-data"
+    for name, path in TEXTURED + OPENCV:
+        package = ("jigzo-data" if path.is_relative_to(JIGZO) else "opencv-doc"
+                   if path.is_relative_to(OPENCV_DATA) else "palapeli-data")
         stanzas = dep5_licences(f"/usr/share/doc/{package}/copyright")
-        rel = ("puzzles/00_default/" + path.name) if package == "jigzo-data" else \
-            "collection/" + path.name
+        rel = {"jigzo-data": "puzzles/00_default/", "palapeli-data": "collection/",
+               "opencv-doc": "samples/data/"}[package] + path.name
         licence, holder = licence_of(rel, stanzas)
         held.append(f"| {name} | `{path}` | {package} | {licence} | {holder.replace('|', '/')} |")
     return "\n".join(["| file | package | licence | copyright |", "|---|---|---|---|", *rows,
-                      "", "Held out (`tokenize-image eval data.photos=textured`, never trained on):",
+                      "", "Held out (`tokenize-image eval data.photos=textured`, and the "
+                      "second set `data.photos=opencv`; never trained on):",
                       "", "| name | file | package | licence | copyright |",
                       "|---|---|---|---|---|", *held])
 
