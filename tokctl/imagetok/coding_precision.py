@@ -28,6 +28,14 @@ def float64_copy(prior: nn.Module) -> nn.Module:
     return prior.__dict__["_float64"]
 
 
+def coding_start(prior: nn.Module, tokens, n: int, decode_step) -> tuple[nn.Module, int]:
+    """What a prior's ``coding_probabilities`` starts with: ``n`` checked against the tokens it
+    models, its float64 copy, and the batch (the tiles given, or the decoder's batch)."""
+    if n > prior.max_tokens:
+        raise ValueError(f"{n} tokens; this prior models at most {prior.max_tokens}")
+    return float64_copy(prior), tokens.shape[0] if tokens is not None else decode_step.batch
+
+
 def coding_softmax(logits: torch.Tensor) -> np.ndarray:
     """The coder's probabilities of float64 logits: rounded to the grid, then the softmax."""
     return torch.softmax(torch.round(logits * LOGIT_GRID) / LOGIT_GRID, -1).numpy()

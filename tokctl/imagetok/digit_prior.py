@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokctl.imagetok.coding_precision import coding_softmax, float64_copy
+from tokctl.imagetok.coding_precision import coding_softmax, coding_start
 
 #: The causal neighbours of a cell in raster order: (row offset, column offset).
 NEIGHBOURS = ((0, -1), (-1, -1), (-1, 0), (-1, 1))
@@ -130,10 +130,7 @@ class DigitPrior(nn.Module):
         """The probabilities the coder uses, (T, n * dim, vocab) float64 in coding order, one
         digit at a time as the decoder must: ``tokens`` (T, n) ids when encoding; when decoding,
         ``decode_step(j, probs (T, vocab)) -> digits (T,)`` gives coded position j's digits."""
-        if n > self.max_tokens:
-            raise ValueError(f"{n} tokens; this prior models at most {self.max_tokens}")
-        model = float64_copy(self)
-        t = tokens.shape[0] if tokens is not None else decode_step.batch
+        model, t = coding_start(self, tokens, n, decode_step)
         digits = (self.digits_of(torch.as_tensor(np.asarray(tokens, dtype=np.int64)))
                   if tokens is not None else torch.zeros(t, n, self.dim, dtype=torch.long))
         out = np.zeros((t, n * self.dim, self.vocab), dtype=np.float64)

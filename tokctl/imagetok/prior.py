@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokctl.errors import UserError
-from tokctl.imagetok.coding_precision import coding_softmax, float64_copy
+from tokctl.imagetok.coding_precision import coding_softmax, coding_start
 from tokctl.imagetok.digit_prior import DigitPrior
 from tokctl.imagetok.layers import Block
 
@@ -121,10 +121,7 @@ class TokenPrior(nn.Module):
         time with a cache, in float64, logits rounded to the grid. When encoding, ``tokens``
         (B, n) are known; when decoding, ``decode_step(i, probs (B, vocab)) -> ids (B,)`` gives
         each position's ids from its probabilities before the next step needs them."""
-        if n > self.max_tokens:
-            raise ValueError(f"{n} tokens; this prior models at most {self.max_tokens}")
-        model = float64_copy(self)
-        b = tokens.shape[0] if tokens is not None else decode_step.batch
+        model, b = coding_start(self, tokens, n, decode_step)
         caches = [[] for _ in model.blocks]
         prev = torch.full((b, 1), model.vocab, dtype=torch.long)
         out = np.zeros((b, n, model.vocab), dtype=np.float64)
