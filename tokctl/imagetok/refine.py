@@ -118,29 +118,33 @@ def refine_latents(model, images: torch.Tensor, latents: torch.Tensor, keep: int
     if steps <= 0:
         return latents
     quantizer = model.quantizer
-    counts = quantizer._counts  # usage is counted for the codes kept, not for every trial
     keep_t = torch.full((images.shape[0],), keep, dtype=torch.long, device=images.device)
     z = latents.detach().clone().requires_grad_(True)
     best = z.detach().clone()
     best_loss = torch.full((images.shape[0],), float("inf"), device=images.device)
     opt = torch.optim.Adam([z], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    with torch.enable_grad():
-        for i in range(steps + 1):
-            # the forward of the quantised point: its loss is exactly what the file would give
-            loss = objective(model.decode_latents(quantizer(z).values, keep_t), images)
-            exact = loss.detach()
-            if rate > 0:
-                bits, surrogate = coded_bits(quantizer, prior, z[:, :keep])
-                exact = exact + rate * bits / keep
-                loss = loss + rate * surrogate / keep
-            better = exact < best_loss
-            best_loss = torch.where(better, exact, best_loss)
-            best[better] = z.detach()[better]
-            if i == steps:
-                break
-            (z.grad,) = torch.autograd.grad(loss.sum(), z)  # the model's own grads untouched
-            opt.step()
-            schedule.step()
-    quantizer._counts = counts
+    # usage is counted for the codes kept, not for every trial (and filling a table of 2^24
+    # codes at every step would cost more than the step)
+    quantizer.counting = False
+    try:
+        with torch.enable_grad():
+            for i in range(steps + 1):
+                # the forward of the quantised point: its loss is exactly what the file would give
+                loss = objective(model.decode_latents(quantizer(z).values, keep_t), images)
+                exact = loss.detach()
+                if rate > 0:
+                    bits, surrogate = coded_bits(quantizer, prior, z[:, :keep])
+                    exact = exact + rate * bits / keep
+                    loss = loss + rate * surrogate / keep
+                better = exact < best_loss
+                best_loss = torch.where(better, exact, best_loss)
+                best[better] = z.detach()[better]
+                if i == steps:
+                    break
+                (z.grad,) = torch.autograd.grad(loss.sum(), z)  # the model's own grads untouched
+                opt.step()
+                schedule.step()
+    finally:
+        quantizer.counting = True
     return torch.cat([best[:, :keep], latents[:, keep:]], dim=1)

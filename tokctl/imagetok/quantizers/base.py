@@ -34,6 +34,7 @@ class Quantizer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._counts: torch.Tensor | None = None
+        self.counting = True  # off while refinement tries codes (refine.py): only kept ones count
 
     @property
     def bits_per_id(self) -> int:
@@ -53,6 +54,8 @@ class Quantizer(nn.Module):
         self._counts = None
 
     def count_usage(self, ids: torch.Tensor) -> None:
+        if not self.counting:
+            return
         flat = ids.reshape(-1)
         flat = flat[flat >= 0].cpu()
         if self.codebook_size > DENSE_COUNTS:  # a table of 2^32 counts cannot exist: the used ones
