@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from tokctl.imagetok.quantizers import FSQ, ResidualVQ, VectorQuantizer
@@ -78,3 +79,22 @@ def test_fsq_two_levels_and_extreme_inputs_stay_in_range():
     assert out.ids.min() >= 0 and out.ids.max() < q.codebook_size
     assert out.ids[0, 0, 0] == 0 and out.ids[0, 1, 0] == q.codebook_size - 1  # the corners
     torch.testing.assert_close(q.embed(out.ids), out.values)
+
+
+def test_sparse_usage_counts_agree_with_the_dense_table(monkeypatch):
+    """Codebooks over DENSE_COUNTS keep only the ids seen; the figures are the same."""
+    from tokctl.imagetok.quantizers import base
+
+    ids = [torch.randint(0, 64, (3, 5, 1), generator=torch.Generator().manual_seed(s))
+           for s in range(3)]
+    dense, sparse = FSQ((4, 4, 4)), FSQ((4, 4, 4))
+    for t in ids:
+        dense.count_usage(t)
+    monkeypatch.setattr(base, "DENSE_COUNTS", 8)
+    for t in ids:
+        sparse.count_usage(t)
+    assert isinstance(sparse._counts, tuple) and not isinstance(dense._counts, tuple)
+    assert sparse.usage() == pytest.approx(dense.usage())
+    sparse.counting = False  # refinement's trials are not counted
+    sparse.count_usage(torch.zeros(3, 5, 1, dtype=torch.long))
+    assert sparse.usage() == pytest.approx(dense.usage())
