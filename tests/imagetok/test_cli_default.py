@@ -103,8 +103,8 @@ def test_the_shipped_grid_tokenizer_by_name(tmp_path):
 
 
 def test_refined_and_rate_weighed_encoding_on_the_shipped_tokenizers(tmp_path):
-    """--refine on the real tokenizers: the 24-bit grid tokenizer's 200-byte files decode by
-    its hash; on the default, --refine-rate codes in fewer bytes than refinement alone, and both
+    """--refine on the real tokenizers: the 24-bit grid tokenizer's files, coded under its
+    digit prior (200 bytes plain), decode by its hash; on the default, --refine-rate codes in fewer bytes than refinement alone, and both
     reconstruct a held-out photo better than the encoder's own codes (by the refinement's
     objective)."""
     import skimage.data
@@ -117,7 +117,10 @@ def test_refined_and_rate_weighed_encoding_on_the_shipped_tokenizers(tmp_path):
     res = tokctl("tokenize-image", "encode", tmp_path / "cat.png", "--out", tmp_path / "g",
                  "--tokenizer", "vq2d24", "--refine", "20", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "g" / "cat.tok").stat().st_size == 8 + 64 * 3
+    assert (tmp_path / "g" / "cat.tok").stat().st_size < 8 + 64 * 3  # coded: its digit prior
+    res = tokctl("tokenize-image", "encode", tmp_path / "cat.png", "--out", tmp_path / "raw",
+                 "--tokenizer", "vq2d24", "--refine", "20", "--raw", cwd=tmp_path)
+    assert (tmp_path / "raw" / "cat.tok").stat().st_size == 8 + 64 * 3
     res = tokctl("tokenize-image", "decode", tmp_path / "g" / "cat.tok", "--out", tmp_path / "gp",
                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr
