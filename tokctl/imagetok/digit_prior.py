@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tokctl.imagetok.coding_precision import coding_softmax, coding_start
+from tokctl.imagetok.quantizers.fsq import FSQ
 
 #: The causal neighbours of a cell in raster order: (row offset, column offset).
 NEIGHBOURS = ((0, -1), (-1, -1), (-1, 0), (-1, 1))
@@ -42,10 +43,8 @@ class DigitPrior(nn.Module):
         self.max_tokens = self.grid * self.grid
         self.conditions = 0  # no cluster-conditional variant
         self.vocab = max(self.levels_list)  # symbols per coded position
+        self.fsq = FSQ(self.levels_list)  # its digits <-> ids <-> values (no weights)
         levels_t = torch.tensor(self.levels_list)
-        self.register_buffer("levels", levels_t, persistent=False)
-        self.register_buffer("basis", torch.tensor(
-            [math.prod(self.levels_list[:i]) for i in range(self.dim)]), persistent=False)
         # a digit beyond its dimension's levels cannot occur: no probability for it
         self.register_buffer("impossible", torch.arange(self.vocab)[None, :] >= levels_t[:, None],
                              persistent=False)
@@ -58,7 +57,7 @@ class DigitPrior(nn.Module):
     # ------------------------------------------------------------------------ ids and digits
     def digits_of(self, ids: torch.Tensor) -> torch.Tensor:
         """(..., n) ids -> (..., n, dim) digits."""
-        return (ids[..., None] // self.basis) % self.levels
+        return self.fsq.digits_of(ids)
 
     def symbols(self, tiles: np.ndarray) -> np.ndarray:
         """(T, n) ids -> (T, n * dim) digits in coding order."""
@@ -67,22 +66,16 @@ class DigitPrior(nn.Module):
 
     def ids_of_symbols(self, symbols: np.ndarray) -> np.ndarray:
         """The inverse of :meth:`symbols`."""
-        digits = torch.as_tensor(symbols).view(len(symbols), -1, self.dim)
-        return (digits * self.basis).sum(-1).numpy()
+        return self.fsq.ids_of(torch.as_tensor(symbols).view(len(symbols), -1, self.dim)).numpy()
 
     # ------------------------------------------------------------------------------ the model
-    def _values(self, digits: torch.Tensor) -> torch.Tensor:
-        """Digits as values in [-1, 1), the decoder's units."""
-        half = (self.levels // 2).to(torch.float32)
-        return (digits.float() - half) / half
-
     def context(self, digits: torch.Tensor) -> torch.Tensor:
         """(B, n, dim) digits -> (B, n, 4 (dim + 1)): each cell's four earlier neighbours' values
         and whether each is there (at the grid's edge one reads 0, flagged 0)."""
         b, n, d = digits.shape
         g = self.grid
         full = digits.new_zeros(b, g * g, d, dtype=torch.float32)
-        full[:, :n] = self._values(digits)
+        full[:, :n] = self.fsq.values_of(digits)
         padded = nn.functional.pad(full.view(b, g, g, d), (0, 0, 1, 1, 1, 0))  # a row above,
         row, col = torch.arange(g)[:, None], torch.arange(g)[None, :]          # a column each side
         parts = []
@@ -97,7 +90,7 @@ class DigitPrior(nn.Module):
         before k (later ones read 0) and which digit it is."""
         d = self.dim
         earlier = torch.tril(torch.ones(d, d), -1)                   # digit k sees digits < k
-        before = self._values(digits)[..., None, :] * earlier
+        before = self.fsq.values_of(digits)[..., None, :] * earlier
         return torch.cat([before, torch.eye(d).expand_as(before)], -1)
 
     def features(self, digits: torch.Tensor) -> torch.Tensor:

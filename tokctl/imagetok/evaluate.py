@@ -83,15 +83,18 @@ def _coded(tok, coder, tokens: list[np.ndarray], n: int, size: int,
     for i, t in enumerate(tokens):
         near = np.ascontiguousarray(t[:, :n])
         ids = near if chosen is None else np.ascontiguousarray(chosen[i][:, :n])
-        payload = prior_mod.encode_ids(coder.model, ids)
+        # the coding probabilities once, for the payload and the ideal bits alike
+        probs = coder.model.coding_probabilities(ids, n)
+        payload = prior_mod.encode_ids(coder.model, ids, probs)
         blob, held_ids = rate_aware_file(tok, coder, size, size, near, ids, payload)
         if held_ids is not ids:  # the nearest ids, plain: their coded length is the one to count
-            ids, payload = held_ids, prior_mod.encode_ids(coder.model, held_ids)
+            ids, probs = held_ids, coder.model.coding_probabilities(held_ids, n)
+            payload = prior_mod.encode_ids(coder.model, ids, probs)
         held.append(ids)
         n_coded += tokfile.read_header(blob)[0].prior_hash is not None
         files.append(blob)
         payload_bits += 8 * len(payload)
-        ideal += float(prior_mod.ideal_bits(coder.model, ids).sum())
+        ideal += float(prior_mod.ideal_bits(coder.model, ids, probs).sum())
         ok &= bool(np.array_equal(read_token_bytes(tok, blob, lookup).tokens, ids))
     count = sum(t.shape[0] for t in tokens) * n
     return {"files": files, "sizes": [len(b) for b in files],

@@ -149,14 +149,16 @@ def _model():
     return constriction.stream.model.Categorical(perfect=False)
 
 
-def encode_ids(prior, tiles: np.ndarray) -> bytes:
+def encode_ids(prior, tiles: np.ndarray, probs: np.ndarray | None = None) -> bytes:
     """(T, n) ids of T tiles -> the range coder's bytes. The prior's symbols (the ids, or a
     DigitPrior's digits) are coded position by position (symbol j of every tile, then j+1), the
-    order the batched decoder needs them in."""
+    order the batched decoder needs them in. ``probs``: the ids' coding probabilities, when
+    already computed."""
     import constriction
 
     tiles = np.asarray(tiles, dtype=np.int64)
-    probs = prior.coding_probabilities(tiles, tiles.shape[1])
+    if probs is None:
+        probs = prior.coding_probabilities(tiles, tiles.shape[1])
     symbols = prior.symbols(tiles)
     enc = constriction.stream.queue.RangeEncoder()
     model = _model()
@@ -224,11 +226,12 @@ def decode_ids(prior, data: bytes, tiles: int, n: int) -> np.ndarray:
     return prior.ids_of_symbols(out)
 
 
-def ideal_bits(prior, tiles: np.ndarray) -> np.ndarray:
-    """-log2 p of each coded symbol of (T, n) ids under the coding probabilities: (T, symbols)
-    bits."""
+def ideal_bits(prior, tiles: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
+    """-log2 p of each coded symbol of (T, n) ids under the coding probabilities (``probs``, when
+    already computed): (T, symbols) bits."""
     tiles = np.asarray(tiles, dtype=np.int64)
-    probs = prior.coding_probabilities(tiles, tiles.shape[1])
+    if probs is None:
+        probs = prior.coding_probabilities(tiles, tiles.shape[1])
     symbols = prior.symbols(tiles)
     t, s = symbols.shape
     return -np.log2(probs[np.arange(t)[:, None], np.arange(s)[None, :], symbols])

@@ -46,6 +46,15 @@ class FSQ(Quantizer):
         """Digits (..., dim) -> the code ids (...): the mixed-radix number they spell."""
         return (digits * self.basis).sum(-1)
 
+    def digits_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Code ids (...) -> their digits (..., dim): the inverse of :meth:`ids_of`."""
+        return (ids.unsqueeze(-1) // self.basis) % self.levels.long()
+
+    def values_of(self, digits: torch.Tensor) -> torch.Tensor:
+        """Digits (..., dim) -> the values the decoder reads, in [-1, 1)."""
+        half_width = self.levels // 2
+        return (digits.float() - half_width) / half_width
+
     def relax(self, z: torch.Tensor) -> torch.Tensor:
         return self._bound(z.float()).to(z.dtype) / (self.levels // 2)
 
@@ -60,7 +69,5 @@ class FSQ(Quantizer):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids[..., 0]
-        digits = (ids.clamp(min=0).unsqueeze(-1) // self.basis) % self.levels.long()
-        half_width = (self.levels // 2)
-        out = (digits.float() - half_width) / half_width
+        out = self.values_of(self.digits_of(ids.clamp(min=0)))
         return out * (ids >= 0).unsqueeze(-1).float()
