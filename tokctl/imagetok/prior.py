@@ -149,6 +149,16 @@ def _model():
     return constriction.stream.model.Categorical(perfect=False)
 
 
+def _coding_table(prior, tiles: np.ndarray, probs: np.ndarray | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(T, n) ids -> the symbols the prior codes (T, S) and their coding probabilities (T, S,
+    vocab): ``probs`` when given, else computed."""
+    tiles = np.asarray(tiles, dtype=np.int64)
+    if probs is None:
+        probs = prior.coding_probabilities(tiles, tiles.shape[1])
+    return prior.symbols(tiles), probs
+
+
 def encode_ids(prior, tiles: np.ndarray, probs: np.ndarray | None = None) -> bytes:
     """(T, n) ids of T tiles -> the range coder's bytes. The prior's symbols (the ids, or a
     DigitPrior's digits) are coded position by position (symbol j of every tile, then j+1), the
@@ -156,10 +166,7 @@ def encode_ids(prior, tiles: np.ndarray, probs: np.ndarray | None = None) -> byt
     already computed."""
     import constriction
 
-    tiles = np.asarray(tiles, dtype=np.int64)
-    if probs is None:
-        probs = prior.coding_probabilities(tiles, tiles.shape[1])
-    symbols = prior.symbols(tiles)
+    symbols, probs = _coding_table(prior, tiles, probs)
     enc = constriction.stream.queue.RangeEncoder()
     model = _model()
     for j in range(symbols.shape[1]):
@@ -229,10 +236,7 @@ def decode_ids(prior, data: bytes, tiles: int, n: int) -> np.ndarray:
 def ideal_bits(prior, tiles: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
     """-log2 p of each coded symbol of (T, n) ids under the coding probabilities (``probs``, when
     already computed): (T, symbols) bits."""
-    tiles = np.asarray(tiles, dtype=np.int64)
-    if probs is None:
-        probs = prior.coding_probabilities(tiles, tiles.shape[1])
-    symbols = prior.symbols(tiles)
+    symbols, probs = _coding_table(prior, tiles, probs)
     t, s = symbols.shape
     return -np.log2(probs[np.arange(t)[:, None], np.arange(s)[None, :], symbols])
 
